@@ -15,5 +15,10 @@ fi
 echo "== nbdev_test (skipping flags: $(grep '^tst_flags' settings.ini | cut -d= -f2))"
 nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing
 
+echo "== README and docs sources"
+python3 scripts/readme.py --check
+python3 scripts/check_docs.py 2>&1 | grep -v -e "UserWarning: Found cells" -e "^  warn(" || true
+test -f _docs/html/index.html
+
 echo "== pytest"
 python3 -m pytest -q -p no:randomly "$@"
