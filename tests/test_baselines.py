@@ -122,3 +122,11 @@ def test_cuda_matches_cpu():
     x = synthetic_kv(1, 3, 40, 64, seed=0)
     for q in (NaiveInt(4, 'med'), KIVI(2, residual=8), TurboQuantLike(3)):
         torch.testing.assert_close(q.fake_quant(x.cuda(), 0, 'k').cpu(), q.fake_quant(x, 0, 'k'), atol=1e-2, rtol=1e-2)
+
+def test_bits_report_measured_equals_layout():
+    from tensormem.baselines import bits_report
+    x = synthetic_kv(1, 3, 70, 64, seed=5)
+    for q in (HQMQ(96, 4, 1, 3, 64), HQMQ(24, 3, 1, 3, 64, outliers='med'), NaiveInt(4, 'med'), KIVI(2, residual=16), TurboQuantLike(3)):
+        for role in 'kv':
+            r = bits_report(q, q.quantize(x, 0, role))
+            assert r['measured'] == pytest.approx(r['layout'], rel=1e-12) and r['headline'] <= r['true'] + 1e-9

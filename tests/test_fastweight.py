@@ -5,6 +5,14 @@ from hypothesis import given, settings, strategies as st
 from tensormem.fastweight import write_tokens, write_chunk_mean, write_scan, scan_states, decay_weights, check_writes
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    "One intra-op thread: on a shared 2-core machine, tiny matmuls on 2 busy OpenMP threads stall for milliseconds."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _inputs(seed, B, H, T, Dk, Dv, dtype):
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(B, H, Dk, Dv, generator=g, dtype=dtype)

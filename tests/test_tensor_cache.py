@@ -6,6 +6,14 @@ from tensormem.tensor_cache import (TensorCacheAttention, TCState, window_attent
                                     evicted_stream, rope, unit)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    "One intra-op thread: on a shared 2-core machine, tiny matmuls on 2 busy OpenMP threads stall for milliseconds."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _rel(a, b): return ((a - b).abs().max() / b.abs().max()).item()
 
 
@@ -38,8 +46,8 @@ def _pad_mask(g, B, T):
     return pm
 
 
-@settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 10_000), T=st.integers(1, 32), W=st.integers(1, 12), n_sink=st.integers(0, 3),
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), T=st.integers(1, 48), W=st.integers(1, 12), n_sink=st.integers(0, 3),
        chunk=st.integers(1, 20), B=st.integers(1, 4), use_rope=st.booleans(), pad=st.booleans())
 def test_parallel_equals_streaming_fp32(seed, T, W, n_sink, chunk, B, use_rope, pad):
     n_sink = min(n_sink, W - 1)

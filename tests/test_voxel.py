@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from tensormem.voxel import (grid_shape, cell_size, voxel_centres, coord_to_index, index_to_coord, trilinear_read,
-                             soft_write_dense, soft_write_local, soft_write, hard_write, write_mass, local_offsets)
+                             soft_write_dense, soft_write_local, soft_write_separable, soft_write, hard_write, write_mass, local_offsets)
 import tensormem.tensor_memory as tm
 
 torch.set_num_threads(1)
@@ -105,6 +105,7 @@ def test_dense_write_matches_formula_and_adds():
     assert out.shape == (2, 2, 3, 4, 5)
     for b in range(2):
         torch.testing.assert_close(out[b], write_loop(c[b], l[b], s[b], (3, 4, 5)), rtol=0, atol=1e-12)
+    torch.testing.assert_close(soft_write_separable(c, l, s, (3, 4, 5)), out, rtol=0, atol=1e-12)
     torch.testing.assert_close(soft_write_dense(c[:, :1], l[:, :1], s[:, :1], (3, 4, 5)) + soft_write_dense(c[:, 1:], l[:, 1:], s[:, 1:], (3, 4, 5)), out)
 
 
@@ -179,8 +180,8 @@ def test_local_gradcheck():
     c = torch.randn(1, 3, 2, dtype=torch.float64, generator=g).requires_grad_()
     l = (torch.rand(1, 3, 3, dtype=torch.float64, generator=g) * 1.6 - 0.8).requires_grad_()
     s = (0.15 + 0.1 * torch.rand(1, 3, dtype=torch.float64, generator=g)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda c, l, s: soft_write_local(c, l, s, 6), (c, l, s))
-    assert torch.autograd.gradcheck(lambda c, l, s: soft_write_dense(c, l, s, 6), (c, l, s))
+    for f in (soft_write_local, soft_write_dense, soft_write_separable):
+        assert torch.autograd.gradcheck(lambda c, l, s: f(c, l, s, 5), (c, l, s))
 
 
 def test_auto_picks_and_hard_write():
@@ -188,7 +189,9 @@ def test_auto_picks_and_hard_write():
     c, l = torch.randn(2, 5, 3, generator=g), torch.rand(2, 5, 3, generator=g) * 2 - 1
     small, big = torch.full((2, 5), 0.5 * 2 / 15), torch.full((2, 5), 0.8)
     assert torch.equal(soft_write(c, l, small, 16), soft_write_local(c, l, small, 16))
-    assert torch.equal(soft_write(c, l, big, 16), soft_write_dense(c, l, big, 16))
+    assert torch.equal(soft_write(c, l, big, 16), soft_write_separable(c, l, big, 16))
+    assert torch.equal(soft_write(c, l, big, 16, mode='dense'), soft_write_dense(c, l, big, 16))
+    assert torch.equal(soft_write(c, l, small, 16, mode='separable'), soft_write_separable(c, l, small, 16))
     hw = hard_write(c, l, 16)
     torch.testing.assert_close(hw.sum((2, 3, 4)), c.sum(1))
     centres = index_to_coord(coord_to_index(l, 16).round(), 16)
@@ -197,7 +200,7 @@ def test_auto_picks_and_hard_write():
 
 
 @pytest.mark.slow
-def test_local_is_faster_on_large_grid():
+def test_local_is_faster_than_dense_on_large_grid():
     import time
     g = torch.Generator().manual_seed(0)
     c, l = torch.randn(2, 32, 8, generator=g), torch.rand(2, 32, 3, generator=g) * 2 - 1
