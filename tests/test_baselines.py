@@ -69,13 +69,13 @@ def test_kivi_per_channel_vs_per_token():
     assert rel_mse(kivi_decode(ck, sk, zk, 'k', 32) - x.mean(2, keepdim=True), x - x.mean(2, keepdim=True)) < \
            rel_mse(kivi_decode(cv, sv, zv, 'v', 8) - x.mean(2, keepdim=True), x - x.mean(2, keepdim=True))
 
-@FAST
-@given(T0=st.integers(1, 70), role=st.sampled_from(['k', 'v']))
+@settings(max_examples=6, deadline=None)
+@given(T0=st.integers(1, 55), role=st.sampled_from(['k', 'v']))
 def test_kivi_decode_appends_equal_whole_fp16(T0, role):
-    q = KIVI(3, group=16, residual=16)
-    x = torch.randn(1, 2, 80, 32, generator=torch.Generator().manual_seed(T0)).half()
+    q = KIVI(3, group=8, residual=8)
+    x = torch.randn(1, 2, 60, 32, generator=torch.Generator().manual_seed(T0)).half()
     p = q.quantize(x[:, :, :T0], 0, role)
-    for t in range(T0, 80): p = KIVIPacked.cat([p, q.quantize(x[:, :, t:t+1], 0, role)])
+    for t in range(T0, 60): p = KIVIPacked.cat([p, q.quantize(x[:, :, t:t+1], 0, role)])
     assert codes_equal(p, q.quantize(x, 0, role))
 
 def test_lloyd_max_and_uniform():

@@ -229,3 +229,12 @@ def test_rope_is_relative():
     a, b = rope(x, torch.arange(6)), rope(x, torch.arange(6) + 11)
     torch.testing.assert_close(a @ a.transpose(-1, -2), b @ b.transpose(-1, -2))
     torch.testing.assert_close(a.norm(dim=-1), x.norm(dim=-1))
+
+
+@pytest.mark.cuda
+def test_parallel_equals_streaming_cuda():
+    torch.manual_seed(0)
+    mod = TensorCacheAttention(64, 4, 16, n_sink=2, chunk=8, rope=True, gate_init=1.0).cuda()
+    x = torch.randn(3, 70, 64, device='cuda')
+    pm = torch.ones(3, 70, dtype=torch.bool, device='cuda'); pm[1, :9] = False; pm[2, 60:] = False
+    with torch.no_grad(): assert _rel(mod(x, pm), mod.stream(x, pm)[0]) <= 1e-5

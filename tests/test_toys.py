@@ -4,7 +4,7 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 from tensormem.toys import (VELOCITIES, ball_paths, render_balls, quadrant, occlusion_task, map_task, binding_task, counter_task,
                             digit_images, moving_digits_task, ToyNet, SlotMemory, KINDS, make_backbone, match_width, n_params,
-                            TASKS, train_toy, evaluate, memory_gates, run_suite, summarize, results_table, cond_name)
+                            TASKS, train_toy, evaluate, memory_gates, memory_share, run_suite, summarize, results_table, cond_name)
 
 FAST = settings(max_examples=8, deadline=None)
 
@@ -202,6 +202,7 @@ def test_evaluate_fixed_sets_and_run_suite_records():
     assert e1 == e2 and list(e1) == ['L=0', 'L=2', 'L=4', 'L=6']
     rows = run_suite(task, kinds=('base', 'tensor'), steps=2, bs=4, net_kw=NET, mem_kw=MEM, eval_n=8, verbose=False)
     assert [r['kind'] for r in rows] == ['base', 'tensor'] and rows[1]['gates0'] == [0.5, 0.5]
+    assert rows[0]['share'] == [] and len(rows[1]['share']) == 2 and all(v >= 0 for v in rows[1]['share'])
     rows = run_suite(task, steps=1, bs=2, net_kw=NET, mem_kw=MEM, eval_n=4, verbose=False, variants={'hard': dict(write='hard')})
     assert rows[0]['kind'] == 'hard'
 
@@ -213,3 +214,20 @@ def test_summarize_and_table():
     t = results_table(rows).splitlines()
     assert t[0] == '| condition | a (5 p) | b (6 p) |' and t[2] == '| x | 60.0 ± 10.0 | 25.0 |' and t[3] == '| y | 100.0 ± 0.0 |  |'
     assert cond_name({'L': 2}) == 'L=2'
+
+def test_memory_share_zero_at_attach_then_positive():
+    task = TASKS['binding']; kw = task.net_kw(**NET)
+    x, _ = task.fn(8, seed=2, n_writes=10, sigma=0.05)
+    m = make_backbone('tensor', kw, MEM)
+    assert memory_share(m, x) == [0.0, 0.0]                               # zero out_proj: the memory adds nothing yet
+    for mod in m.modules():
+        if hasattr(mod, 'out_proj'): nn.init.normal_(mod.out_proj.weight)
+    s = memory_share(m, x)
+    assert len(s) == 2 and all(v > 0 for v in s) and m.training           # and the training flag is restored
+    assert memory_share(make_backbone('base', kw), x) == []
+
+def test_train_conds_used_for_training_only():
+    task = TASKS['ablation']
+    assert [c['n_writes'] for c in task.train_conds] == [5, 10, 20] and task.conds == [dict(n_writes=20, sigma=0.05)]
+    r = train_toy(make_backbone('base', task.net_kw(**NET)), task, steps=3, bs=4, eval_n=8)
+    assert list(r['acc']) == ['n_writes=20,sigma=0.05']
