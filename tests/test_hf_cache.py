@@ -128,3 +128,10 @@ def test_smollm2_generate_lossless_left_padded(smol):
         g_ref = model.generate(**batch, max_new_tokens=5, do_sample=False)
         g = model.generate(**batch, cache=QuantizedKVCache(model.config, CastQuantizer(None)), max_new_tokens=5, do_sample=False)
     assert torch.equal(g, g_ref)
+
+def test_all_fp_layers_equal_dense():
+    m = tiny(); ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+        out = m(input_ids=ids, cache=QuantizedKVCache(m.config, Int8(), fp_layers=range(3)), use_cache=True).logits
+    assert torch.equal(out, ref)

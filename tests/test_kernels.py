@@ -244,3 +244,13 @@ def test_gpu_bench_targets_and_tables(tmp_path):
     assert len(found) == 1 and found[0]['_path'] == 'x.json'
     import matplotlib; matplotlib.use('Agg')
     gpu_bench.show_record(found[0]); gpu_bench.plot_decode(found[0])
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100_and_a100():
+    "Every kernel compiles to a cubin for sm_90 and sm_80 without a GPU (Triton's compiler + bundled ptxas), no spills."
+    from tensormem.kernels import compile_report
+    for arch in (90, 80):
+        rows = compile_report(arch)
+        assert len(rows) == 7 and all(r['compiled'] for r in rows), [r.get('error') for r in rows]
+        assert all(r['stack_bytes'] == 0 for r in rows)
