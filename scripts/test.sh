@@ -13,7 +13,8 @@ if [ -d .git ] && [ -n "$(git status --porcelain)" ]; then
 fi
 
 echo "== nbdev_test (skipping flags: $(grep '^tst_flags' settings.ini | cut -d= -f2))"
-nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing
+# two notebooks at a time on 2 cores: one BLAS thread each (oversubscribed MKL makes tiny matmuls 100x slower)
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 nbdev_test --n_workers "${NBDEV_WORKERS:-2}" --timing
 
 echo "== README and docs sources"
 python3 scripts/readme.py --check

@@ -129,6 +129,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match='at least one token'): m(torch.zeros(1, 0, 8))
     with pytest.raises(ValueError, match='more than chunk_size=2'): m.step(torch.zeros(1, 3, 8), m.init_state(1))
     with pytest.raises(ValueError, match='causal'): TensorMemory(8, causal=False).step(torch.zeros(1, 1, 8), m.init_state(1))
+    with pytest.raises(ValueError, match='causal'): TensorMemory(8, causal=False).stream(torch.zeros(1, 1, 8))
 
 
 def test_param_count_pinned():
@@ -253,3 +254,37 @@ def test_double_dtype_follows_block():
     assert w.memory.loc.weight.dtype == torch.float64
     x = torch.randn(1, 4, 16, dtype=torch.float64)
     with torch.no_grad(): assert torch.equal(w(x), blk(x))
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(1, 4), st.lists(st.integers(1, 5), min_size=1, max_size=5), st.integers(0, 1000))
+def test_stream_any_split_equals_forward(cs, parts, seed):
+    torch.manual_seed(seed)
+    m = live(TensorMemory(8, channels=3, grid=4, chunk_size=cs), seed)
+    x = torch.randn(2, sum(parts), 8)
+    with torch.no_grad():
+        ref, cache, ys, a = m(x), None, [], 0
+        for p in parts:
+            y, cache = m.stream(x[:, a:a + p], cache); ys.append(y); a += p
+    torch.testing.assert_close(torch.cat(ys, 1), ref)
+    assert (cache['pending'] is None) == (sum(parts) % cs == 0)
+
+
+def test_hf_generation_streaming_matches_full_forward():
+    pytest.importorskip('transformers')
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(9)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    lm = LlamaForCausalLM(cfg).eval(); ids = torch.randint(0, 64, (2, 12))
+    for i in range(2):
+        lm.model.layers[i] = attach_memory(lm.model.layers[i], channels=4, grid=4, chunk_size=3); live(lm.model.layers[i].memory, i)
+    with torch.no_grad():
+        full = lm(ids).logits
+        o = lm(ids[:, :8], use_cache=True); no_stream = [o.logits]
+        for t in range(8, 12): o = lm(ids[:, t:t + 1], cache=o.cache, use_cache=True); no_stream.append(o.logits)
+        for l in lm.model.layers: l.stream()
+        o = lm(ids[:, :8], use_cache=True); steps = [o.logits]
+        for t in range(8, 12): o = lm(ids[:, t:t + 1], cache=o.cache, use_cache=True); steps.append(o.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5)
+    assert (torch.cat(no_stream, 1) - full).abs().max() > 1e-4     # without streaming each decode call starts from zero

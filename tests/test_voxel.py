@@ -211,3 +211,17 @@ def test_local_is_faster_than_dense_on_large_grid():
             t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
         return sorted(ts)[3]
     assert med(lambda: soft_write_dense(c, l, s, 32)) > 3 * med(lambda: soft_write_local(c, l, s, 32))
+
+def test_local_write_sigma_grad_finite_at_grid_edge():
+    "Regression: a write near a face used an infinite distance for off-grid cells, and inf·0 made dL/dσ NaN."
+    torch.manual_seed(0)
+    content = torch.randn(1, 2, 4, dtype=torch.float64)
+    loc = torch.tensor([[[0.98, 0., 0.], [-0.5, 0.2, 0.1]]], dtype=torch.float64)
+    sigma = torch.full((1, 2), 0.1, dtype=torch.float64, requires_grad=True)
+    soft_write_local(content, loc, sigma, 8).square().sum().backward()
+    assert torch.isfinite(sigma.grad).all(), sigma.grad
+    s2 = sigma.detach().clone().requires_grad_(True)
+    soft_write_local(content, loc, s2, 8, radius=50.).square().sum().backward()
+    s3 = sigma.detach().clone().requires_grad_(True)
+    soft_write_dense(content, loc, s3, 8).square().sum().backward()
+    torch.testing.assert_close(s2.grad, s3.grad, rtol=1e-9, atol=1e-9)   # untruncated local == dense, gradients too
