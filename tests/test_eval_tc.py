@@ -6,7 +6,6 @@ from tensormem.lm import TinyLM
 from tensormem.eval_tc import (mqar_vocab, mqar_batch, lm_loss, train_lm, mqar_accuracy, recall_vs_pairs, byte_stream,
                                random_crops, position_nll, stratified_nll, decode_scaling, state_bytes_after, gate_report)
 
-torch.set_num_threads(1)
 
 
 @settings(max_examples=25, deadline=None)

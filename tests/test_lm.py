@@ -8,7 +8,6 @@ from tensormem.lm import (TinyLM, FullAttention, WindowAttention, InfiniAttentio
 HAS_TC = importlib.util.find_spec('tensormem.tensor_cache') is not None
 OWN = ('full', 'window', 'sinks', 'infini')
 ALL = OWN + (('tensor_cache',) if HAS_TC else ())
-torch.set_num_threads(1)
 
 
 def stream(m, x):

@@ -6,13 +6,6 @@ from tensormem.tensor_cache import (TensorCacheAttention, TCState, window_attent
                                     evicted_stream, rope, unit)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    "One intra-op thread: on a shared 2-core machine, tiny matmuls on 2 busy OpenMP threads stall for milliseconds."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _rel(a, b): return ((a - b).abs().max() / b.abs().max()).item()
 

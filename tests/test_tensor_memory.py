@@ -9,7 +9,6 @@ from tensormem.tensor_memory import (TensorMemory, MemoryBlock, attach_memory, d
                                      depthwise_taps, soft_write, trilinear_read)
 from tensormem.voxel import soft_write_dense
 
-torch.set_num_threads(1)
 
 
 def live(m, seed=0):

@@ -8,12 +8,6 @@ from tensormem.toys import (VELOCITIES, ball_paths, render_balls, quadrant, occl
 
 FAST = settings(max_examples=8, deadline=None)
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny models: one intra-op thread is faster on a busy 2-core machine; restored afterwards."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 NET = dict(d_model=16, n_layers=2, n_heads=2)
 MEM = dict(channels=4, grid=4, chunk_size=2)
 
