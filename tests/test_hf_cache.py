@@ -42,9 +42,12 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 @pytest.fixture(scope='module')
 def smol(): return load_smollm2(device='cpu')
 
-def test_load_smollm2_fast_reload_and_bos(smol):
-    t0 = time.perf_counter(); model, tok = load_smollm2(device='cpu'); dt = time.perf_counter() - t0
-    assert dt < 5
+def test_load_smollm2_reloads_from_converted_copy_and_bos(smol, monkeypatch):
+    "The GGUF is parsed once: a second load must come from the safetensors copy, never converting again."
+    import tensormem.hf_cache as hc
+    monkeypatch.setattr(hc, 'convert_gguf', lambda *a, **k: pytest.fail("reload converted the GGUF again"))
+    model, tok = load_smollm2(device='cpu')
+    for a, b in zip(model.parameters(), smol[0].parameters()): assert torch.equal(a, b)
     c = model.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (30, 9, 3, 64)
     assert tok("hello world").input_ids[0] != tok.bos_token_id and tok.padding_side == 'left'
