@@ -49,9 +49,10 @@ def check_tensor(x, name:str, # the tensor and the argument name used in the err
 def interact_or_static(fn, # plotting function taking keyword arguments
                        **knobs # name=(default, widget abbreviation) e.g. S=(24, [6, 24, 96])
                       ):
-    "Live `ipywidgets.interact` in a kernel; a single static call at the defaults under tests/doc builds."
+    "Live `ipywidgets.interact` in Jupyter/Colab; one static call at the defaults in batch runs, tests and doc builds."
     defaults = {k: v[0] for k, v in knobs.items()}
-    if IN_TEST or os.environ.get('TENSORMEM_STATIC_DOCS'): return fn(**defaults)
+    live = bool(os.environ.get('JPY_SESSION_NAME')) or IN_COLAB   # a Jupyter server names its kernels; nbconvert/execnb do not
+    if IN_TEST or os.environ.get('TENSORMEM_STATIC_DOCS') or not live: return fn(**defaults)
     try: import ipywidgets as W
     except ImportError: return fn(**defaults)
     return W.interact(fn, **{k: W.fixed(v[0]) if v[1] is None else v[1] for k, v in knobs.items()})

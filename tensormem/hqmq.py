@@ -44,7 +44,7 @@ SEARCH_METHODS = ('rot', 'matmul', 'brute')
 
 def _search_block(u, sec, method):
     if method == 'rot':
-        p, s, _ = best_product(u, sec); return p * sec.shape[-2] + s
+        p, s, _ = best_product(u, sec, check=False); return p * sec.shape[-2] + s  # validated by the caller
     J = joint_codebook(sec)                                          # [G, 24S, 4]
     if method == 'matmul': return (u @ J.transpose(-1, -2)).argmax(-1)
     return (u[:, :, None, :] * J[:, None]).sum(-1).argmax(-1)        # brute force, elementwise

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import torch
 import torch.nn.functional as F
-from .core import check_tensor
+from .core import check_tensor, interact_or_static
 
 # %% auto #0
 __all__ = ['WRITE_MODES', 'grid_shape', 'cell_size', 'voxel_centres', 'coord_to_index', 'index_to_coord', 'trilinear_read',
@@ -179,17 +179,13 @@ def plot_write_slices(vol:torch.Tensor, # [D, H, W] one channel of a written vol
     fig.suptitle(title, fontsize=9); plt.tight_layout(); plt.show()
 
 # %% ../nbs/04_soft_write.ipynb #b1f94239
-def soft_write_explorer(grid:int=16, mu=(0., 0., 0.), sigma_cells:float=1.0, static:bool|None=None):
-    "Sliders for μ and σ (in cells) over a single write; falls back to a static slice plot without a live widget kernel."
+def soft_write_explorer(grid:int=16, # grid size per axis
+                        mu=(0., 0., 0.), # initial write centre (x, y, z) in [-1, 1]
+                        sigma_cells:float=1.0 # initial spread, in cells
+                       ):
+    "Sliders for μ and σ (in cells) over a single write in Jupyter/Colab; a static slice plot elsewhere (docs, CI)."
     def draw(x=mu[0], y=mu[1], z=mu[2], sigma_cells=sigma_cells):
         v = soft_write(torch.ones(1, 1, 1), torch.tensor([[[x, y, z]]]), torch.tensor([[sigma_cells * 2 / (grid - 1)]]), grid)[0, 0]
         plot_write_slices(v, 4, f'μ = ({x:.2f}, {y:.2f}, {z:.2f}), σ = {sigma_cells:.2f} cells, mass {float(v.sum()):.1f}')
-    if static is None:
-        try:
-            import ipywidgets; from IPython import get_ipython
-            static = get_ipython() is None or not hasattr(get_ipython(), 'kernel')
-        except ImportError: static = True
-    if static: return draw()
-    import ipywidgets as W
-    sl = lambda v: W.FloatSlider(value=v, min=-1, max=1, step=0.05)
-    return W.interact(draw, x=sl(mu[0]), y=sl(mu[1]), z=sl(mu[2]), sigma_cells=W.FloatSlider(value=sigma_cells, min=0.1, max=4, step=0.1))
+    axis = (-1., 1., 0.05)
+    return interact_or_static(draw, x=(mu[0], axis), y=(mu[1], axis), z=(mu[2], axis), sigma_cells=(sigma_cells, (0.1, 4., 0.1)))

@@ -1,5 +1,5 @@
 import math, pytest, torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 from tensormem.eval_hqmq import (Method, geometry, hqmq_method, paper_methods, outlier_fraction, claimed_bits,
                                  evaluate_method, evaluate, format_table, target_report, dominated_by, pareto_plot, main)
 from tensormem.hf_cache import QuantizedKVCache, CastQuantizer
@@ -7,11 +7,7 @@ from tensormem.hqmq import HQMQ
 from tensormem.baselines import NaiveInt
 
 @pytest.fixture(scope='module')
-def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+def tiny(): return tiny_llama(vocab=61, hidden=64)
 
 def wins(n=2, L=24): return torch.randint(0, 61, (n, L), generator=torch.Generator().manual_seed(3))
 

@@ -1,6 +1,7 @@
 import time, pytest, torch
 from hypothesis import given, settings, strategies as st
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
+from conftest import tiny_llama
 from transformers.cache_utils import DynamicLayer
 from tensormem.hf_cache import (load_smollm2, smollm2_gguf_path, tensormem_cache_dir, CastQuantizer, CastPacked,
                                 QuantizedKVCache, QuantizedKVLayer, cat_packed)
@@ -25,10 +26,7 @@ def fake(x):
     q = Int8(); return q.dequantize(q.quantize(x, 0, 'k'))
 
 def tiny(dtype=torch.float32, n_kv=2):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=n_kv, head_dim=16, max_position_embeddings=128, pad_token_id=0)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return tiny_llama(vocab=97, hidden=64, layers=3, kv_heads=n_kv, dtype=dtype, pad_token_id=0)
 
 # ---- loader ----
 def test_gguf_missing_package_message():

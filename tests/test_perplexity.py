@@ -1,6 +1,6 @@
 import math, pytest, torch
 from hypothesis import given, settings, strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 from tensormem.perplexity import jargon_text, token_stream, windows, window_nll, perplexity
 from tensormem.hf_cache import QuantizedKVCache, CastQuantizer
 
@@ -36,11 +36,7 @@ def test_token_stream_no_special_tokens():
     with pytest.raises(ValueError): token_stream(tok, "")
 
 @pytest.fixture(scope='module')
-def tiny():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+def tiny(): return tiny_llama(vocab=61)
 
 def test_perplexity_matches_manual_nll(tiny):
     wins = torch.randint(0, 61, (3, 20), generator=torch.Generator().manual_seed(0))

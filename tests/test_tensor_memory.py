@@ -1,5 +1,6 @@
 "Tests for tensormem.tensor_memory: the module, causality, streaming, attach/detach, errors, cost."
 import pytest
+from conftest import tiny_llama
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -212,11 +213,7 @@ def test_attach_vit_block_noncausal_vision_gate():
 
 def test_attach_hf_llama_layers_identity_and_causal():
     transformers = pytest.importorskip('transformers')
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(7)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
-    lm = LlamaForCausalLM(cfg).eval(); layers = list(lm.model.layers)
+    lm = tiny_llama(seed=7); layers = list(lm.model.layers)
     sd = {k: v.clone() for k, v in lm.state_dict().items()}
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad(): ref = lm(ids).logits
@@ -271,11 +268,7 @@ def test_stream_any_split_equals_forward(cs, parts, seed):
 
 def test_hf_generation_streaming_matches_full_forward():
     pytest.importorskip('transformers')
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(9)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64)
-    lm = LlamaForCausalLM(cfg).eval(); ids = torch.randint(0, 64, (2, 12))
+    lm = tiny_llama(seed=9); ids = torch.randint(0, 64, (2, 12))
     for i in range(2):
         lm.model.layers[i] = attach_memory(lm.model.layers[i], channels=4, grid=4, chunk_size=3); live(lm.model.layers[i].memory, i)
     with torch.no_grad():
