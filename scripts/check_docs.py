@@ -4,6 +4,9 @@ import filecmp, os, sys
 from pathlib import Path
 root = Path(__file__).resolve().parents[1]
 os.chdir(root)
+# nbconvert's HTML templates live in <prefix>/share/jupyter; inside a venv built on a system Python they are under the
+# base prefix, which jupyter's path search does not look at by default
+os.environ['JUPYTER_PATH'] = os.pathsep.join(p for p in [os.environ.get('JUPYTER_PATH'), str(Path(sys.base_prefix)/'share'/'jupyter')] if p)
 
 def main():
     from nbdev.quarto import refresh_quarto_yml
