@@ -1,4 +1,10 @@
+import os
 import pytest, torch
+from hypothesis import settings
+
+# CI reruns must be reproducible: under CI, hypothesis draws the same examples every run (locally it explores anew)
+settings.register_profile('ci', derandomize=True, deadline=None)
+if os.environ.get('CI'): settings.load_profile('ci')
 
 # One intra-op thread for the whole test session: the models under test are tiny, and on a 2-core machine that
 # also runs other work, OpenMP/MKL threads that wait on busy cores make small matmuls stall for milliseconds.
