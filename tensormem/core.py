@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IN_TEST', 'IN_COLAB', 'default_device', 'seed_everything', 'check_tensor', 'interact_or_static']
+__all__ = ['IN_TEST', 'IN_COLAB', 'default_device', 'seed_everything', 'check_tensor', 'check_int', 'interact_or_static']
 
 # %% ../nbs/00_core.ipynb #6ccf012f
 IN_TEST = bool(os.environ.get('IN_TEST'))   # set by `nbdev_test`; notebooks shrink their runs
@@ -44,6 +44,15 @@ def check_tensor(x, name:str, # the tensor and the argument name used in the err
     if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"`{name}` contains NaN or Inf")
     return x
+
+# %% ../nbs/00_core.ipynb #c4c950c2
+def check_int(name:str, v, # the argument name used in the error, and its value
+              lo:int, hi:int|None=None # inclusive bounds; `hi=None` means no upper bound
+             ) -> int:
+    "Raise a `ValueError` naming `name` unless `v` is an int in [lo, hi] (or ≥ lo)."
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        raise ValueError(f"`{name}` must be an int " + (f"in [{lo}, {hi}]" if hi is not None else f"≥ {lo}") + f", got {v!r}")
+    return v
 
 # %% ../nbs/00_core.ipynb #4928fdc4
 def interact_or_static(fn, # plotting function taking keyword arguments

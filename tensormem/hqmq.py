@@ -9,15 +9,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
-from .core import check_tensor, IN_TEST, default_device
+from .core import check_tensor, IN_TEST, default_device, check_int
 from .quaternion import qmul, qconj, hurwitz_units, nearest_hurwitz, best_product
 
 # %% auto #0
 __all__ = ['ROLES', 'SEARCH_METHODS', 'OUTLIER_MODES', 'secondary_codebooks', 'joint_codebook', 'search_directions',
            'chunk_norms', 'radius_code', 'radius_decode', 'outlier_mask', 'IndexLayout', 'digits_per_word',
-           'index_layout', 'pack_bits', 'unpack_bits', 'pack_digits', 'unpack_digits', 'check_kv', 'check_int',
-           'Packed', 'KVQuantizer', 'merge_outliers', 'HQMQPacked', 'HQMQ', 'kv_cache_bytes', 'synthetic_kv',
-           'codes_equal', 'attention_error']
+           'index_layout', 'pack_bits', 'unpack_bits', 'pack_digits', 'unpack_digits', 'check_kv', 'Packed',
+           'KVQuantizer', 'merge_outliers', 'HQMQPacked', 'HQMQ', 'kv_cache_bytes', 'synthetic_kv', 'codes_equal',
+           'attention_error']
 
 # %% ../nbs/02_hqmq.ipynb #150115a9
 ROLES = {'k': 0, 'v': 1}   # role index in the codebook tensor (reference order)
@@ -169,11 +169,6 @@ def check_kv(x:torch.Tensor, # K or V states `[B, H_kv, T, d_h]`
         raise ValueError(f"`layer` must be an int in [0, {n_layers if n_layers is not None else '∞'}), got {layer!r}")
     if role not in ROLES: raise ValueError(f"`role` must be 'k' or 'v', got {role!r}")
     return x
-
-def check_int(name:str, v, lo:int, hi:int) -> int:
-    "Raise a `ValueError` naming `name` unless `v` is an int in [lo, hi]."
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi: raise ValueError(f"`{name}` must be an int in [{lo}, {hi}], got {v!r}")
-    return v
 
 # %% ../nbs/02_hqmq.ipynb #f0f1dba2
 @dataclass(eq=False)

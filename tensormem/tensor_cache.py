@@ -8,7 +8,7 @@ import math
 import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import store_attr, patch
-from .core import check_tensor
+from .core import check_tensor, check_int
 from .fastweight import scan_states, _check, _rate
 
 # %% auto #0
@@ -130,10 +130,6 @@ class TCState:
     def __repr__(self): return f"TCState(t={self.t}, ring={self.ring_k.shape[2]}, sinks={self.sink_k.shape[2]}, nbytes={self.nbytes()})"
 
 # %% ../nbs/07_tensor_cache.ipynb #5bfb0ce4
-def _int(x, name:str, lo:int) -> int:
-    if isinstance(x, bool) or not isinstance(x, int) or x < lo: raise ValueError(f"`{name}` must be an int ≥ {lo}, got {x!r}")
-    return x
-
 class TensorCacheAttention(nn.Module):
     "Sliding-window softmax attention (L1) + an outer-product memory fed by evicted tokens (L2), fused through a gate."
     def __init__(self, d_model:int, # model width E
@@ -150,9 +146,9 @@ class TensorCacheAttention(nn.Module):
                  bias:bool=True # bias on the q/k/v and output projections (W_tc never has one)
                 ):
         super().__init__()
-        _int(d_model, 'd_model', 1); _int(n_heads, 'n_heads', 1); _int(window, 'window', 1); _int(chunk, 'chunk', 1)
+        check_int('d_model', d_model, 1); check_int('n_heads', n_heads, 1); check_int('window', window, 1); check_int('chunk', chunk, 1)
         if d_model % n_heads: raise ValueError(f"`d_model` ({d_model}) must be divisible by `n_heads` ({n_heads})")
-        if _int(n_sink, 'n_sink', 0) >= window: raise ValueError(f"`n_sink` ({n_sink}) must be < `window` ({window})")
+        if check_int('n_sink', n_sink, 0) >= window: raise ValueError(f"`n_sink` ({n_sink}) must be < `window` ({window})")
         if rule not in ('outer', 'delta'): raise ValueError(f"`rule` must be 'outer' or 'delta', got {rule!r}")
         D = d_model // n_heads
         if rope and D % 2: raise ValueError(f"RoPE needs an even head dim, got {D}")
@@ -218,7 +214,7 @@ def init_state(self:TensorCacheAttention,
                ) -> TCState:
     "Empty streaming state: all slots invalid, A = 0, t = 0."
     p = self.q_proj.weight; device, dtype = device or p.device, dtype or p.dtype
-    B, H, D, ns, R = _int(batch_size, 'batch_size', 1), self.n_heads, self.head_dim, self.n_sink, self.ring
+    B, H, D, ns, R = check_int('batch_size', batch_size, 1), self.n_heads, self.head_dim, self.n_sink, self.ring
     z = lambda *s: torch.zeros(*s, device=device, dtype=dtype)
     no = lambda n: torch.zeros(B, n, device=device, dtype=torch.bool)
     return TCState(z(B, H, ns, D), z(B, H, ns, D), no(ns), z(B, H, R, D), z(B, H, R, D), no(R), z(B, H, D, D), 0)
