@@ -6,7 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import Tensor
-from .core import check_tensor
+from .core import check_tensor, check_int
 
 # %% auto #0
 __all__ = ['check_writes', 'write_tokens', 'write_chunk_mean', 'decay_weights', 'scan_states', 'write_scan']
@@ -42,8 +42,7 @@ def check_writes(A:Tensor, # memory `[B, H, Dk, Dv]`
     if v.shape[:3] != k.shape[:3]: raise ValueError(f"`k` and `v` must share [B, H, T], got {tuple(k.shape)} and {tuple(v.shape)}")
     want = (*k.shape[:2], k.shape[3], v.shape[3])
     if tuple(A.shape) != want: raise ValueError(f"`A` must have shape [B, H, Dk, Dv] = {list(want)}, got {tuple(A.shape)}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"`chunk` must be an int ≥ 1, got {chunk!r}")
+    if chunk is not None: check_int('chunk', chunk, 1)
     return _rate(lam, 'lam', k.shape[1], A), _rate(eta, 'eta', k.shape[1], A)
 
 # %% ../nbs/06_fastweight.ipynb #93f96e15

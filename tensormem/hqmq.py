@@ -165,8 +165,7 @@ def check_kv(x:torch.Tensor, # K or V states `[B, H_kv, T, d_h]`
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32): raise TypeError(f"`x` must be float16, bfloat16 or float32, got {x.dtype}")
     if n_kv_heads is not None and x.shape[1] != n_kv_heads: raise ValueError(f"`x` must have {n_kv_heads} KV heads in dim 1 ([B, H_kv, T, d_h]), got shape {tuple(x.shape)}")
     if head_dim is not None and x.shape[3] != head_dim: raise ValueError(f"`x` must have head_dim {head_dim} in dim 3 ([B, H_kv, T, d_h]), got shape {tuple(x.shape)}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0 or (n_layers is not None and layer >= n_layers):
-        raise ValueError(f"`layer` must be an int in [0, {n_layers if n_layers is not None else '∞'}), got {layer!r}")
+    check_int('layer', layer, 0, None if n_layers is None else n_layers - 1)
     if role not in ROLES: raise ValueError(f"`role` must be 'k' or 'v', got {role!r}")
     return x
 

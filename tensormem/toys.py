@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from .core import check_int
 
 # %% auto #0
 __all__ = ['VELOCITIES', 'KINDS', 'TASKS', 'EVAL_SEED', 'ball_paths', 'render_balls', 'quadrant', 'occlusion_task', 'map_task',
@@ -20,12 +21,8 @@ __all__ = ['VELOCITIES', 'KINDS', 'TASKS', 'EVAL_SEED', 'ball_paths', 'render_ba
 
 # %% ../nbs/08a_toys.ipynb #6cd6851c
 def _gen(seed:int) -> torch.Generator:
-    "A private generator seeded with `seed` (a non-negative int)."
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0: raise ValueError(f"`seed` must be a non-negative int, got {seed!r}")
-    return torch.Generator().manual_seed(seed)
-
-def _check_n(n):
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1: raise ValueError(f"`n` must be a positive int, got {n!r}")
+    "A private generator seeded with `seed` (an int ≥ 0)."
+    return torch.Generator().manual_seed(check_int('seed', seed, 0))
 
 # %% ../nbs/08a_toys.ipynb #4fc11b53
 VELOCITIES = torch.tensor([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)])   # the 8 velocities
@@ -61,8 +58,8 @@ def occlusion_task(n:int, # number of sequences
                    size:int=16, # frame side
                    seed:int=0) -> tuple[Tensor, Tensor]: # frames [n, T, size²], quadrant of the final frame [n]
     "Object permanence: a wrapping ball seen for T-L frames, then hidden; the label is its quadrant in the (hidden) final frame."
-    _check_n(n)
-    if not isinstance(L, int) or not 0 <= L <= T - 2: raise ValueError(f"`L` must be an int in [0, T-2] = [0, {T - 2}], got {L!r}")
+    check_int('n', n, 1); check_int('T', T, 2)
+    if check_int('L', L, 0) > T - 2: raise ValueError(f"`L` must be an int in [0, T-2] = [0, {T - 2}] (two frames stay visible), got {L!r}")
     pos = ball_paths(n, T, size, seed)
     x = render_balls(pos, size)
     x[:, T - L:] = 0                                   # an empty slice when L = 0
@@ -76,8 +73,7 @@ def map_task(n:int, # number of sequences
              grid:int=8, # side of the hidden map
              seed:int=0) -> tuple[Tensor, Tensor]: # tokens [n, T+1, 7], occupancy of the queried cell [n]
     "Map building: T reveals of 2×2 patches of a hidden binary map, then a query of one revealed cell."
-    _check_n(n)
-    if not isinstance(T, int) or T < 1: raise ValueError(f"`T` must be a positive int, got {T!r}")
+    check_int('n', n, 1); check_int('T', T, 1)
     g, ar = _gen(seed), torch.arange(n)
     world = torch.randint(0, 2, (n, grid, grid), generator=g).float()
     rc = torch.randint(0, grid - 1, (n, T, 2), generator=g)                        # patches stay inside the map
@@ -95,8 +91,7 @@ def binding_task(n:int, # number of sequences
                  n_values:int=32, # value vocabulary
                  seed:int=0) -> tuple[Tensor, Tensor]: # tokens [n, n_writes+1, 3+n_values+1], value of the nearest key [n]
     "Coordinate binding: writes (key in [-1,1]³, one-hot value), then a noisy query of a written key."
-    _check_n(n)
-    if not isinstance(n_writes, int) or n_writes < 1: raise ValueError(f"`n_writes` must be a positive int, got {n_writes!r}")
+    check_int('n', n, 1); check_int('n_writes', n_writes, 1)
     if sigma < 0: raise ValueError(f"`sigma` must be >= 0, got {sigma}")
     g, ar = _gen(seed), torch.arange(n)
     k = torch.rand(n, n_writes, 3, generator=g) * 2 - 1
@@ -113,7 +108,7 @@ def counter_task(n:int, # number of sequences
                  vocab:int=16, # the counter wraps at `vocab`
                  seed:int=0) -> tuple[Tensor, Tensor]: # token ids [n, length], next-token targets [n, length]
     "No-harm control: a counter mod `vocab` from a random start; predict the next token everywhere."
-    _check_n(n)
+    check_int('n', n, 1)
     s = (torch.randint(0, vocab, (n, 1), generator=_gen(seed)) + torch.arange(length + 1)) % vocab
     return s[:, :-1], s[:, 1:]
 
@@ -137,7 +132,7 @@ def moving_digits_task(n:int, # number of sequences
                        split:str='train', # which digits: 'train' or 'test'
                        seed:int=0) -> tuple[Tensor, Tensor]: # frames [n, T, size²], digit class [n]
     "A real digit slides sideways one column per frame behind a static vertical band; the label is the digit."
-    _check_n(n)
+    check_int('n', n, 1)
     if size < 8 + T - 1: raise ValueError(f"`size` must be >= 8 + T - 1 = {8 + T - 1} so the digit stays on the canvas, got {size}")
     if not 0 <= band <= size: raise ValueError(f"`band` must be in [0, size], got {band}")
     imgs, labels = digit_images(split)
@@ -202,8 +197,7 @@ class SlotMemory(nn.Module):
                  chunk_size:int=1, # tokens per memory step
                  gate_init:float=0.0): # initial fusion-gate logit
         super().__init__()
-        if not isinstance(chunk_size, int) or chunk_size < 1: raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_int('chunk_size', chunk_size, 1)
         self.slots = nn.Parameter(0.02 * torch.randn(n_slots, d_model))
         self.norm = nn.LayerNorm(d_model)
         self.read, self.write = nn.MultiheadAttention(d_model, 1, batch_first=True), nn.MultiheadAttention(d_model, 1, batch_first=True)

@@ -1,5 +1,5 @@
 "Tests for tensormem.fastweight: per-token writes, the chunked-mean shortcut and the exact weighted-sum scan."
-import time, statistics
+import re, time, statistics
 import pytest, torch
 from hypothesis import given, settings, strategies as st
 from tensormem.fastweight import write_tokens, write_chunk_mean, write_scan, scan_states, decay_weights, check_writes
@@ -84,6 +84,10 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r'shape \[H\] = \[2\]'): write_scan(A, k, v, torch.full((3,), 0.5), eta, 2)
     with pytest.raises(ValueError, match='`chunk` must be an int'): write_scan(A, k, v, lam, eta, 0)
     with pytest.raises(ValueError, match='`chunk` must be an int'): write_chunk_mean(A, k, v, lam, eta, 2.0)
+    for bad in (True, False, 2.0, 1.5, -1, 0, '2'):
+        for f in (write_scan, write_chunk_mean):
+            with pytest.raises(ValueError, match=re.escape(f'`chunk` must be an int ≥ 1, got {bad!r}')): f(A, k, v, lam, eta, bad)
+    assert check_writes(A, k, v, lam, eta, 1)[0].shape == (2,) and check_writes(A, k, v, lam, eta, None)[0].shape == (2,)   # 1 and None are fine
     with pytest.raises(ValueError, match='`A` must have shape'): write_scan(A[..., :2], k, v, lam, eta, 2)
     with pytest.raises(ValueError, match='must share'): write_tokens(A, k, v[:, :, :4], lam, eta)
     with pytest.raises(ValueError, match='`k` must have 4 dims'): write_tokens(A, k[0], v, lam, eta)

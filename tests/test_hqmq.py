@@ -187,6 +187,13 @@ def test_bad_inputs():
         with pytest.raises((ValueError, TypeError), match=None) as e: f()
         assert msg in str(e.value), (msg, str(e.value))
 
+@pytest.mark.parametrize('bad', [True, False, 1.0, -1, 2, 10**9, '0', None])
+def test_layer_is_checked_as_an_int(bad):
+    q = HQMQ(24, 3, 2, 3, 8); x = torch.zeros(1, 3, 4, 8)
+    with pytest.raises(ValueError, match='`layer` must be an int in \\[0, 1\\]') as e: q.quantize(x, bad, 'k')
+    assert f'got {bad!r}' in str(e.value)
+    assert q.quantize(x, 1, 'v').layer == 1                                     # the upper bound n_layers - 1 is allowed
+
 def test_regression_pins():
     x = synthetic_kv(1, 2, 5, 16, seed=0)
     q = HQMQ(48, 3, 2, 2, 16, seed=42); p = q.quantize(x, 1, 'k'); j, rq = q.codes(p)

@@ -45,9 +45,9 @@ def test_occlusion_determinism_and_errors():
     a, b, c = occlusion_task(16, L=2, seed=3), occlusion_task(16, L=2, seed=3), occlusion_task(16, L=2, seed=4)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
     s = torch.get_rng_state(); occlusion_task(4, seed=1); assert torch.equal(s, torch.get_rng_state())   # no global RNG use
-    with pytest.raises(ValueError, match='`L` must be an int in'): occlusion_task(4, L=7)
-    with pytest.raises(ValueError, match='`n` must be a positive int'): occlusion_task(0)
-    with pytest.raises(ValueError, match='`seed` must be a non-negative int'): occlusion_task(2, seed=-1)
+    with pytest.raises(ValueError, match=r'`L` must be an int in \[0, T-2\] = \[0, 6\].*got 7'): occlusion_task(4, L=7)
+    with pytest.raises(ValueError, match='`n` must be an int ≥ 1, got 0'): occlusion_task(0)
+    with pytest.raises(ValueError, match='`seed` must be an int ≥ 0, got -1'): occlusion_task(2, seed=-1)
 
 def test_ball_paths_velocity_set_and_quadrant():
     p = ball_paths(500, seed=0)
@@ -58,6 +58,32 @@ def test_ball_paths_velocity_set_and_quadrant():
     assert f.sum() == 4 and f[15, 3] == f[0, 4] == 1
     assert quadrant(torch.tensor([[7, 8], [8, 7]])).tolist() == [1, 2]
     assert torch.bincount(occlusion_task(4000, seed=2)[1], minlength=4).min() > 800         # classes roughly balanced
+
+# every integer argument goes through core.check_int: bools, floats, values below the bound (and L above T-2) are refused
+BAD_INTS = [
+    (lambda v: occlusion_task(v), '`n` must be an int ≥ 1', (True, 2.0, 0, -3)),
+    (lambda v: occlusion_task(2, seed=v), '`seed` must be an int ≥ 0', (True, 1.0, -1)),
+    (lambda v: occlusion_task(2, L=v), '`L` must be an int', (True, 2.0, -1, 7, 100)),
+    (lambda v: occlusion_task(2, T=v), '`T` must be an int ≥ 2', (True, 8.0, 1, 0)),
+    (lambda v: map_task(v), '`n` must be an int ≥ 1', (False, 3.0, 0)),
+    (lambda v: map_task(2, T=v), '`T` must be an int ≥ 1', (True, 16.0, 0, -1)),
+    (lambda v: binding_task(2, n_writes=v), '`n_writes` must be an int ≥ 1', (True, 5.0, 0, -2)),
+    (lambda v: binding_task(2, seed=v), '`seed` must be an int ≥ 0', (False, 0.0, -5)),
+    (lambda v: counter_task(v), '`n` must be an int ≥ 1', (True, 1.5, 0)),
+    (lambda v: moving_digits_task(v), '`n` must be an int ≥ 1', (True, 2.0, 0)),
+    (lambda v: moving_digits_task(2, seed=v), '`seed` must be an int ≥ 0', (True, -1)),
+    (lambda v: SlotMemory(8, chunk_size=v), '`chunk_size` must be an int ≥ 1', (True, 2.0, 0, -1)),
+]
+
+@pytest.mark.parametrize('call,msg,bad', [(c, m, b) for c, m, bs in BAD_INTS for b in bs])
+def test_integer_arguments_are_checked(call, msg, bad):
+    with pytest.raises(ValueError, match=msg) as e: call(bad)
+    assert repr(bad) in str(e.value)                                   # the message quotes the offending value
+
+def test_integer_bounds_are_inclusive():
+    assert occlusion_task(1, L=6)[0].shape == (1, 8, 256) and occlusion_task(1, L=0, T=2)[0].shape == (1, 2, 256)
+    assert map_task(1, T=1)[0].shape == (1, 2, 7) and binding_task(1, n_writes=1)[0].shape == (1, 2, 36)
+    assert SlotMemory(8, chunk_size=1).chunk_size == 1 and counter_task(1, seed=0)[0].shape == (1, 32)
 
 # ---------------------------------------------------------------- map building
 @FAST
@@ -78,7 +104,7 @@ def test_map_task_labels_from_tokens(n, T, seed):
 
 def test_map_task_errors_and_determinism():
     assert torch.equal(map_task(5, seed=1)[0], map_task(5, seed=1)[0]) and not torch.equal(map_task(5, seed=1)[0], map_task(5, seed=2)[0])
-    with pytest.raises(ValueError, match='`T` must be a positive int'): map_task(2, T=0)
+    with pytest.raises(ValueError, match='`T` must be an int ≥ 1, got 0'): map_task(2, T=0)
 
 # ---------------------------------------------------------------- coordinate binding
 @FAST
@@ -95,7 +121,7 @@ def test_binding_labels_nearest_key(n, w, sigma, seed):
 
 def test_binding_errors():
     with pytest.raises(ValueError, match='`sigma` must be >= 0'): binding_task(2, sigma=-0.1)
-    with pytest.raises(ValueError, match='`n_writes` must be a positive int'): binding_task(2, n_writes=0)
+    with pytest.raises(ValueError, match='`n_writes` must be an int ≥ 1, got 0'): binding_task(2, n_writes=0)
 
 # ---------------------------------------------------------------- counter
 @FAST
@@ -178,7 +204,7 @@ def test_tensor_and_slots_identical_to_base_at_init_and_causal():
 def test_bad_backbone_arguments():
     with pytest.raises(ValueError, match='`kind` must be one of'): make_backbone('rnn', TASKS['counter'].net_kw())
     with pytest.raises(ValueError, match='exactly one of'): ToyNet(4, 2, vocab=3)
-    with pytest.raises(ValueError, match='`chunk_size` must be a positive int'): SlotMemory(8, chunk_size=0)
+    with pytest.raises(ValueError, match='`chunk_size` must be an int ≥ 1, got 0'): SlotMemory(8, chunk_size=0)
     with pytest.raises(ValueError, match='exceeds `max_len`'): ToyNet(4, 2, max_len=4)(torch.randn(1, 5, 4))
 
 # ---------------------------------------------------------------- trainer and tables
