@@ -9,28 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import check_tensor
+from .tensor_cache import rope, window_attention, TensorCacheAttention
 
 # %% auto #0
-__all__ = ['MODES', 'BOUNDED', 'rope_angles', 'apply_rope', 'HeadsBase', 'FullAttention', 'local_attention', 'WindowAttention',
-           'shifted_linear_read', 'InfiniAttention', 'make_attention', 'Block', 'check_ids', 'TinyLM', 'state_nbytes',
-           'generate']
-
-# %% ../nbs/07a_lm.ipynb #e7622711
-def rope_angles(pos:torch.Tensor, # integer positions `[T]`
-                dim:int, # head dim D (even)
-                base:float=10000. # RoPE base θ
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    "`(cos, sin)`, each `[T, dim//2]` float32, of the rotary angles at positions `pos`."
-    inv = base ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
-    ang = pos.to(torch.float64)[:, None] * inv
-    return ang.cos().float(), ang.sin().float()
-
-def apply_rope(x:torch.Tensor, # `[..., T, D]`
-               cos:torch.Tensor, sin:torch.Tensor # `[T, D/2]` from `rope_angles`
-              ) -> torch.Tensor:
-    "Rotate the pairs `(x[i], x[i + D/2])` of `x` by the angles in `cos`/`sin`."
-    x1, x2 = x.chunk(2, -1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+__all__ = ['MODES', 'BOUNDED', 'HeadsBase', 'FullAttention', 'WindowAttention', 'shifted_linear_read', 'InfiniAttention',
+           'make_attention', 'Block', 'check_ids', 'TinyLM', 'state_nbytes', 'generate']
 
 # %% ../nbs/07a_lm.ipynb #1c27bd61
 class HeadsBase(nn.Module):
@@ -56,7 +39,7 @@ class HeadsBase(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
     def rope(self, x, pos): # rotate `[B, H, T, D]` at integer positions `[T]`
-        return apply_rope(x, *rope_angles(pos, self.d_head, self.rope_base))
+        return rope(x, pos, self.rope_base)
 
     def check_x(self, x, name='x', ndim=3):
         return check_tensor(x, name, ndim=ndim, last=self.d_model, shape='[B, T, E]' if ndim == 3 else '[B, E]')
@@ -89,32 +72,6 @@ class FullAttention(HeadsBase):
         y = F.scaled_dot_product_attention(self.rope(q, pos), K[:, :, :t + 1], V[:, :, :t + 1])
         return self.merge(y)[:, 0], dict(k=K, v=V, t=t + 1)
 
-# %% ../nbs/07a_lm.ipynb #ce05fa5b
-def local_attention(q:torch.Tensor, k:torch.Tensor, v:torch.Tensor, # `[B, H, T, D]`, q and k already rotated
-                    ring:int, # R: each query sees keys `s` with `0 ≤ t − s < R` (and `s ≥ n_sink`)
-                    n_sink:int=0, # the first `n_sink` tokens are sinks, seen by every later query
-                    q_sink:torch.Tensor|None=None # `[B, H, T, D]` queries rotated for the sink positions
-                   ) -> torch.Tensor: # `[B, H, T, D]`
-    "Block-local sliding-window softmax attention (+ sinks) in `O(T·(2R + n_sink))` memory."
-    B, H, T, D = q.shape; R = ring; nb = -(-T // R); pad = nb * R - T
-    qb = F.pad(q, (0, 0, 0, pad)).view(B, H, nb, R, D)
-    kb = F.pad(k, (0, 0, R, pad)).unfold(2, 2 * R, R)            # [B, H, nb, D, 2R]: blocks b-1 and b
-    vb = F.pad(v, (0, 0, R, pad)).unfold(2, 2 * R, R)
-    i = torch.arange(R, device=q.device)[:, None]; j = torch.arange(2 * R, device=q.device)
-    s = (torch.arange(nb, device=q.device)[:, None, None] - 1) * R + j   # absolute key position [nb, 1, 2R]
-    ok = (j > i) & (j <= i + R) & (s >= n_sink)                     # [nb, R, 2R]
-    sc = (qb @ kb) / math.sqrt(D)                                   # [B, H, nb, R, 2R]
-    sc = sc.masked_fill(~ok, float('-inf'))
-    if not n_sink: return (torch.softmax(sc, -1) @ vb.transpose(-1, -2)).view(B, H, nb * R, D)[:, :, :T]
-    ns = min(n_sink, T); ks, vs = k[:, :, :ns], v[:, :, :ns]
-    qs = F.pad(q_sink, (0, 0, 0, pad)).view(B, H, nb, R, D)
-    t = torch.arange(nb * R, device=q.device).view(nb, R, 1)
-    ss = (qs @ ks.transpose(-1, -2)[:, :, None]) / math.sqrt(D)     # [B, H, nb, R, ns]
-    ss = ss.masked_fill(~(torch.arange(ns, device=q.device) <= t), float('-inf'))
-    p = torch.softmax(torch.cat([sc, ss], -1), -1)
-    y = p[..., :2 * R] @ vb.transpose(-1, -2) + p[..., 2 * R:] @ vs[:, :, None]
-    return y.reshape(B, H, nb * R, D)[:, :, :T]
-
 # %% ../nbs/07a_lm.ipynb #3412cdf5
 class WindowAttention(HeadsBase):
     "Sliding-window softmax attention over the last `window − n_sink` tokens plus `n_sink` StreamingLLM sinks."
@@ -136,7 +93,7 @@ class WindowAttention(HeadsBase):
         self.check_x(x)
         q, k, v = self.split(x); pos = torch.arange(x.shape[1], device=x.device)
         qs = self.rope(q, pos.clamp(max=self.window - 1)) if self.n_sink else None
-        return self.merge(local_attention(self.rope(q, pos), self.rope(k, pos), v, self.ring, self.n_sink, qs))
+        return self.merge(window_attention(self.rope(q, pos), self.rope(k, pos), v, self.window, self.n_sink, q_sink=qs))
 
 # %% ../nbs/07a_lm.ipynb #16e64842
 @torch.no_grad()
@@ -214,7 +171,7 @@ class InfiniAttention(HeadsBase):
         "Parallel form: block-local window attention + shifted chunked linear memory."
         self.check_x(x)
         q, k, v = self.split(x); pos = torch.arange(x.shape[1], device=x.device)
-        local = local_attention(self.rope(q, pos), self.rope(k, pos), v, self.window)
+        local = window_attention(self.rope(q, pos), self.rope(k, pos), v, self.window)
         num, den = shifted_linear_read(F.elu(q) + 1, F.elu(k) + 1, v, self.window, self.chunk)
         return self.merge(self.mix(local, num / (den[..., None] + 1e-5)))
 
@@ -261,9 +218,7 @@ def make_attention(mode:str, # one of `MODES`
     if mode == 'window': return WindowAttention(d_model, n_heads, window, 0, **kw)
     if mode == 'sinks': return WindowAttention(d_model, n_heads, window, n_sink, **kw)
     if mode == 'infini': return InfiniAttention(d_model, n_heads, window, **kw)
-    if mode == 'tensor_cache':
-        from tensormem.tensor_cache import TensorCacheAttention
-        return TensorCacheAttention(d_model, n_heads, window, **{'rope': True, 'bias': False, **kw})
+    if mode == 'tensor_cache': return TensorCacheAttention(d_model, n_heads, window, **{'rope': True, 'bias': False, **kw})
     raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
 
 # %% ../nbs/07a_lm.ipynb #3a9d204c

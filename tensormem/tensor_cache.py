@@ -16,13 +16,13 @@ __all__ = ['rope', 'unit', 'window_attention', 'evicted_stream', 'evicted_read',
            'TensorCacheAttention']
 
 # %% ../nbs/07_tensor_cache.ipynb #acb942b0
-def rope(x:Tensor, # `[B, H, T, D]`, D even
-         pos:Tensor, # absolute positions `[T]`
+def rope(x:Tensor, # `[..., T, D]`, D even
+         pos:Tensor, # positions `[T]` (integers; a negative position rotates back)
          base:float=10000. # RoPE base θ
         ) -> Tensor:
-    "Rotary position embedding (rotate-half convention) of `x` at positions `pos`."
-    half = x.shape[-1] // 2; dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    ang = pos.to(dt)[:, None] * base ** (-torch.arange(half, device=x.device, dtype=dt) / half)
+    "Rotary position embedding (rotate-half convention) of `x` at positions `pos`; angles in float64, then cast to `x.dtype`."
+    half = x.shape[-1] // 2
+    ang = pos.to(torch.float64)[:, None] * base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1*cos - x2*sin, x1*sin + x2*cos], -1)
@@ -34,34 +34,43 @@ def unit(k:Tensor, # keys `[..., D]`
     return k / (k.norm(dim=-1, keepdim=True) + eps)
 
 # %% ../nbs/07_tensor_cache.ipynb #eba02e89
+def _softmax_attend(s:Tensor, v:Tensor, # masked scores `[..., Q, N]` (−inf = hidden), values `[..., N, Dv]`
+                    ss:Tensor|None=None, vs:Tensor|None=None # a second key set (the sinks), softmaxed jointly with the first
+                   ) -> Tensor:
+    "softmax([s, ss]) @ [v; vs] without concatenating the two key sets; a row with no visible key gives 0, not NaN."
+    m = s.amax(-1, keepdim=True)
+    if ss is not None: m = torch.maximum(m, ss.amax(-1, keepdim=True))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))                             # rows with no visible key
+    p = (s - m).exp(); out, den = p @ v, p.sum(-1, keepdim=True)
+    if ss is not None: ps = (ss - m).exp(); out = out + ps @ vs; den = den + ps.sum(-1, keepdim=True)
+    return out / den.clamp_min(torch.finfo(den.dtype).tiny)
+
 def window_attention(q:Tensor, # queries `[B, H, T, D]`
                      k:Tensor, # keys `[B, H, T, D]`
                      v:Tensor, # values `[B, H, T, Dv]`
                      window:int, # W: sinks + ring
                      n_sink:int=0, # first tokens always attended
-                     valid:Tensor|None=None # `[B, T]` bool, False = padding (never attended)
+                     valid:Tensor|None=None, # `[B, T]` bool, False = padding (never attended)
+                     q_sink:Tensor|None=None # `[B, H, T, D]` queries that score the sink keys (default `q`)
                     ) -> Tensor:
     "Exact sliding-window softmax attention, block-local: query block b (size P = W − n_sink) sees key blocks b−1, b and the sinks."
     B, H, T, D = q.shape; R = window - n_sink; P = max(1, min(R, T)); nb = -(-T // P); Tp, dev = nb*P, q.device
-    ok = torch.ones(B, T, dtype=torch.bool, device=dev) if valid is None else valid
-    qb = F.pad(q, (0, 0, 0, Tp-T)).view(B, H, nb, P, D)
-    kb = F.pad(k, (0, 0, P, Tp-T)).unfold(2, 2*P, P)                                    # [B, H, nb, D, 2P]
-    vb = F.pad(v, (0, 0, P, Tp-T)).unfold(2, 2*P, P).transpose(-1, -2)                  # [B, H, nb, 2P, Dv]
-    okb = torch.cat([ok.new_zeros(B, P), ok, ok.new_zeros(B, Tp-T)], 1).unfold(1, 2*P, P)  # [B, nb, 2P]
+    if q_sink is not None and q_sink.shape != q.shape: raise ValueError(f"`q_sink` must have the shape of `q` {list(q.shape)}, got {list(q_sink.shape)}")
+    pad = lambda x, front=0: F.pad(x, (0, 0, front, Tp-T))
+    qb, kb = pad(q).view(B, H, nb, P, D), pad(k, P).unfold(2, 2*P, P)                    # kb [B, H, nb, D, 2P]
+    vb = pad(v, P).unfold(2, 2*P, P).transpose(-1, -2)                                  # [B, H, nb, 2P, Dv]
     qpos, kpos = torch.arange(Tp, device=dev).view(nb, P), torch.arange(-P, Tp, device=dev).unfold(0, 2*P, P)
     d = qpos[:, :, None] - kpos[:, None, :]
-    allow = (d >= 0) & (d < R) & (kpos[:, None, :] >= n_sink) & okb[:, None, :, None, :]   # [B, 1, nb, P, 2P]
+    allow = (d >= 0) & (d < R) & (kpos[:, None, :] >= n_sink)                           # [nb, P, 2P]
+    if valid is not None: allow = allow & F.pad(valid, (P, Tp-T)).unfold(1, 2*P, P)[:, None, :, None, :]   # [B, 1, nb, P, 2P]
     s = ((qb @ kb) / math.sqrt(D)).masked_fill(~allow, float('-inf'))
-    m, ns = s.amax(-1, keepdim=True), min(n_sink, T)
-    if ns:
-        js = torch.arange(ns, device=dev)
-        allow_s = (js <= qpos[:, :, None]) & ok[:, None, None, None, :ns]                  # [B, 1, nb, P, ns]
-        ss = ((qb @ k[:, :, None, :ns].transpose(-1, -2)) / math.sqrt(D)).masked_fill(~allow_s, float('-inf'))
-        m = torch.maximum(m, ss.amax(-1, keepdim=True))
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))                             # rows with no visible key
-    p = (s - m).exp(); out, den = p @ vb, p.sum(-1, keepdim=True)
-    if ns: ps = (ss - m).exp(); out = out + ps @ v[:, :, None, :ns]; den = den + ps.sum(-1, keepdim=True)
-    return (out / den.clamp_min(torch.finfo(den.dtype).tiny)).reshape(B, H, Tp, -1)[:, :, :T]
+    ns = min(n_sink, T)
+    if not ns: return _softmax_attend(s, vb).reshape(B, H, Tp, -1)[:, :, :T]
+    allow_s = torch.arange(ns, device=dev) <= qpos[:, :, None]                          # [nb, P, ns]
+    if valid is not None: allow_s = allow_s & valid[:, None, None, None, :ns]
+    qs = qb if q_sink is None else pad(q_sink).view(B, H, nb, P, D)
+    ss = ((qs @ k[:, :, None, :ns].transpose(-1, -2)) / math.sqrt(D)).masked_fill(~allow_s, float('-inf'))
+    return _softmax_attend(s, vb, ss, v[:, :, None, :ns]).reshape(B, H, Tp, -1)[:, :, :T]
 
 # %% ../nbs/07_tensor_cache.ipynb #9ace9b8c
 def evicted_stream(k:Tensor, # keys `[B, H, T, D]` (post-RoPE)

@@ -2,8 +2,9 @@
 import importlib.util, math
 import pytest, torch
 from hypothesis import given, settings, strategies as st
-from tensormem.lm import (TinyLM, FullAttention, WindowAttention, InfiniAttention, make_attention, local_attention,
-                          shifted_linear_read, rope_angles, apply_rope, generate, state_nbytes, MODES)
+from tensormem.lm import (TinyLM, FullAttention, WindowAttention, InfiniAttention, make_attention,
+                          shifted_linear_read, generate, state_nbytes, MODES)
+from tensormem.tensor_cache import rope, window_attention
 
 HAS_TC = importlib.util.find_spec('tensormem.tensor_cache') is not None
 OWN = ('full', 'window', 'sinks', 'infini')
@@ -22,8 +23,7 @@ def dense_window(q, k, v, window, n_sink):
     "Dense [T, T] reference of window + sink attention on un-rotated q, k (StreamingLLM sink positions)."
     T, D = q.shape[-2:]; R = window - n_sink
     pos = torch.arange(T); t, s = pos[:, None], pos[None]
-    c, sn = rope_angles(pos, D); qr, kr = apply_rope(q, c, sn), apply_rope(k, c, sn)
-    qs = apply_rope(q, *rope_angles(pos.clamp(max=window - 1), D))
+    qr, kr, qs = rope(q, pos), rope(k, pos), rope(q, pos.clamp(max=window - 1))
     ring = (s >= n_sink) & (t - s >= 0) & (t - s < R); sink = (s < n_sink) & (s <= t)
     sc = torch.where(ring, qr @ kr.transpose(-1, -2), qs @ kr.transpose(-1, -2)) / math.sqrt(D)
     return torch.softmax(sc.masked_fill(~(ring | sink), float('-inf')), -1) @ v
@@ -31,14 +31,24 @@ def dense_window(q, k, v, window, n_sink):
 
 @settings(max_examples=15, deadline=None)
 @given(T=st.integers(1, 45), W=st.integers(1, 12), ns=st.integers(0, 4), seed=st.integers(0, 2**16))
-def test_local_attention_matches_dense(T, W, ns, seed):
+def test_window_attention_with_streamingllm_sinks_matches_dense(T, W, ns, seed):
+    "The 'sinks' mode's behaviour, pinned: tensor_cache.window_attention with re-positioned sink queries (q_sink)."
     if ns >= W: ns = 0
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, 2, T, 8, generator=g) for _ in range(3))
-    pos = torch.arange(T); c, s = rope_angles(pos, 8)
-    qs = apply_rope(q, *rope_angles(pos.clamp(max=W - 1), 8)) if ns else None
-    got = local_attention(apply_rope(q, c, s), apply_rope(k, c, s), v, W - ns, ns, qs)
+    pos = torch.arange(T); qs = rope(q, pos.clamp(max=W - 1)) if ns else None
+    got = window_attention(rope(q, pos), rope(k, pos), v, W, ns, q_sink=qs)
     torch.testing.assert_close(got, dense_window(q, k, v, W, ns), rtol=1e-5, atol=1e-5)
+
+
+def test_window_mode_forward_matches_dense():
+    "WindowAttention.forward (window and sinks) equals the dense reference on its own projections."
+    torch.manual_seed(3)
+    for W, ns in ((6, 0), (6, 2), (40, 3)):
+        m = WindowAttention(32, 4, W, ns).eval(); x = torch.randn(2, 23, 32)
+        with torch.no_grad():
+            q, k, v = m.split(x)
+            torch.testing.assert_close(m(x), m.merge(dense_window(q, k, v, W, ns)), rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=15, deadline=None)

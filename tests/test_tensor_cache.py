@@ -10,11 +10,13 @@ from tensormem.tensor_cache import (TensorCacheAttention, TCState, window_attent
 def _rel(a, b): return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def naive_l1(q, k, v, W, n_sink=0, valid=None):
+def naive_l1(q, k, v, W, n_sink=0, valid=None, q_sink=None):
     T = q.shape[2]; R = W - n_sink; i, j = torch.arange(T)[:, None], torch.arange(T)[None]
     allow = (j <= i) & ((j < n_sink) | (j >= torch.clamp(i - R + 1, min=n_sink)))
     if valid is not None: allow = allow & valid[:, None, None, :]
-    s = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~allow, float('-inf'))
+    s = q @ k.transpose(-1, -2)
+    if q_sink is not None: s = torch.where(j < n_sink, q_sink @ k.transpose(-1, -2), s)
+    s = (s / math.sqrt(q.shape[-1])).masked_fill(~allow, float('-inf'))
     return torch.nan_to_num(s.softmax(-1), nan=0.) @ v
 
 
@@ -85,6 +87,18 @@ def test_window_attention_matches_dense(W, ns):
     valid = torch.rand(2, 29, generator=g) > 0.25
     for val in (None, valid):
         torch.testing.assert_close(window_attention(q, k, v, W, ns, val), naive_l1(q, k, v, W, ns, val), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('W,ns', [(3, 1), (7, 2), (12, 11), (40, 5)])
+def test_window_attention_q_sink_matches_dense(W, ns):
+    "Separate sink queries (StreamingLLM's re-positioned sinks) score the sink columns only; q_sink=q is the default."
+    g = torch.Generator().manual_seed(W * 10 + ns + 1)
+    q, k, v, qs = torch.randn(4, 2, 3, 29, 8, generator=g, dtype=torch.float64)
+    valid = torch.rand(2, 29, generator=g) > 0.25
+    for val in (None, valid):
+        torch.testing.assert_close(window_attention(q, k, v, W, ns, val, q_sink=qs), naive_l1(q, k, v, W, ns, val, qs), rtol=1e-12, atol=1e-12)
+        assert torch.equal(window_attention(q, k, v, W, ns, val, q_sink=q), window_attention(q, k, v, W, ns, val))
+    with pytest.raises(ValueError, match='`q_sink` must have the shape of `q`'): window_attention(q, k, v, W, ns, q_sink=qs[:, :, :5])
 
 
 def test_window_attention_memory_is_linear_in_T():
@@ -222,6 +236,19 @@ def test_rope_is_relative():
     a, b = rope(x, torch.arange(6)), rope(x, torch.arange(6) + 11)
     torch.testing.assert_close(a @ a.transpose(-1, -2), b @ b.transpose(-1, -2))
     torch.testing.assert_close(a.norm(dim=-1), x.norm(dim=-1))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_rope_angles_are_float64(dtype):
+    "Far positions rotate as exactly as near ones (float32 angles at 30 000 are off by ~2e-3 rad); output keeps x's dtype."
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 16, generator=g, dtype=torch.float64)
+    for pos in (torch.arange(5), torch.arange(5) + 30_000, torch.arange(5) + 1_000_000):
+        y = rope(x.to(dtype), pos)
+        assert y.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(y.double(), rope(x.to(dtype).double(), pos), rtol=tol, atol=tol)
+        torch.testing.assert_close(rope(rope(x, pos), -pos), x, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.cuda
