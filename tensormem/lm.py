@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import check_tensor
-from .tensor_cache import rope, window_attention, TensorCacheAttention
+from .tensor_cache import rope, window_attention, ring_attention, TensorCacheAttention
 
 # %% auto #0
 __all__ = ['MODES', 'BOUNDED', 'HeadsBase', 'FullAttention', 'WindowAttention', 'shifted_linear_read', 'InfiniAttention',
@@ -96,14 +96,9 @@ class WindowAttention(HeadsBase):
         return self.merge(window_attention(self.rope(q, pos), self.rope(k, pos), v, self.window, self.n_sink, q_sink=qs))
 
 # %% ../nbs/07a_lm.ipynb #16e64842
-@torch.no_grad()
-def _ring_attend(q, K, V, n_valid, qs=None, SK=None, SV=None, n_sink_valid=0): # one query `[B, H, 1, D]`
-    sc = (q @ K.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    sc[..., n_valid:] = float('-inf')
-    if SK is None or SK.shape[2] == 0: return torch.softmax(sc, -1) @ V
-    ss = (qs @ SK.transpose(-1, -2)) / math.sqrt(q.shape[-1]); ss[..., n_sink_valid:] = float('-inf')
-    p = torch.softmax(torch.cat([sc, ss], -1), -1); R = K.shape[2]
-    return p[..., :R] @ V + p[..., R:] @ SV
+def _first(n:int, k:int, B:int, device) -> torch.Tensor:
+    "`[B, n]` slot flags: the first `k` of `n` slots are filled."
+    return torch.arange(n, device=device).lt(k).expand(B, n)
 
 @torch.no_grad()
 def _window_init(self, batch_size:int) -> dict:
@@ -115,17 +110,17 @@ def _window_init(self, batch_size:int) -> dict:
 @torch.no_grad()
 def _window_step(self, x_t:torch.Tensor, # `[B, E]`, the token at position `state['t']`
                  state:dict) -> tuple[torch.Tensor, dict]:
-    "Write this token into its sink or ring slot, then attend over the valid slots."
+    "Write this token into its sink or ring slot, then attend over the filled slots."
     self.check_x(x_t, 'x_t', ndim=2)
-    t = state['t']; q, k, v = self.split(x_t[:, None]); dev = x_t.device
+    t = state['t']; q, k, v = self.split(x_t[:, None]); B, dev = x_t.shape[0], x_t.device
     qr, kr = self.rope(q, torch.tensor([t], device=dev)), self.rope(k, torch.tensor([t], device=dev))
     if t < self.n_sink: state['sk'][:, :, t], state['sv'][:, :, t] = kr[:, :, 0], v[:, :, 0]
     else:
         slot = (t - self.n_sink) % self.ring
         state['k'][:, :, slot], state['v'][:, :, slot] = kr[:, :, 0], v[:, :, 0]
     qs = self.rope(q, torch.tensor([min(t, self.window - 1)], device=dev)) if self.n_sink else None
-    y = _ring_attend(qr, state['k'], state['v'], min(max(t - self.n_sink + 1, 0), self.ring),
-                     qs, state['sk'], state['sv'], min(t + 1, self.n_sink))
+    y = ring_attention(qr, state['k'], state['v'], _first(self.ring, min(max(t - self.n_sink + 1, 0), self.ring), B, dev),
+                       state['sk'], state['sv'], _first(self.n_sink, min(t + 1, self.n_sink), B, dev), q_sink=qs)
     return self.merge(y)[:, 0], {**state, 't': t + 1}
 
 WindowAttention.init_state, WindowAttention.step = _window_init, _window_step
@@ -196,7 +191,7 @@ def _infini_step(self, x_t:torch.Tensor, # `[B, E]`, the token at position `stat
         M = M + phk[..., None] * state['v'][:, :, slot, None]; z = z + phk
     pos = torch.tensor([t], device=x_t.device)
     state['k'][:, :, slot], state['v'][:, :, slot] = self.rope(k, pos)[:, :, 0], v[:, :, 0]
-    local = _ring_attend(self.rope(q, pos), state['k'], state['v'], min(t + 1, self.window))
+    local = ring_attention(self.rope(q, pos), state['k'], state['v'], _first(self.window, min(t + 1, self.window), q.shape[0], q.device))
     phq = F.elu(q) + 1
     mem = (phq @ M) / ((phq[:, :, 0] * z).sum(-1)[..., None, None] + 1e-5)
     return self.merge(self.mix(local, mem))[:, 0], {**state, 'M': M, 'z': z, 't': t + 1}

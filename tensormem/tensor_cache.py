@@ -12,8 +12,8 @@ from .core import check_tensor, check_int
 from .fastweight import scan_states, _check, _rate
 
 # %% auto #0
-__all__ = ['rope', 'unit', 'window_attention', 'evicted_stream', 'evicted_read', 'evicted_read_delta', 'delta_write', 'TCState',
-           'TensorCacheAttention']
+__all__ = ['rope', 'unit', 'window_attention', 'ring_attention', 'evicted_stream', 'evicted_read', 'evicted_read_delta',
+           'delta_write', 'TCState', 'TensorCacheAttention']
 
 # %% ../nbs/07_tensor_cache.ipynb #acb942b0
 def rope(x:Tensor, # `[..., T, D]`, D even
@@ -71,6 +71,17 @@ def window_attention(q:Tensor, # queries `[B, H, T, D]`
     qs = qb if q_sink is None else pad(q_sink).view(B, H, nb, P, D)
     ss = ((qs @ k[:, :, None, :ns].transpose(-1, -2)) / math.sqrt(D)).masked_fill(~allow_s, float('-inf'))
     return _softmax_attend(s, vb, ss, v[:, :, None, :ns]).reshape(B, H, Tp, -1)[:, :, :T]
+
+# %% ../nbs/07_tensor_cache.ipynb #f62a2a12
+def ring_attention(q:Tensor, # one query per sequence `[B, H, 1, D]`
+                   k:Tensor, v:Tensor, ok:Tensor, # ring slots `[B, H, R, D]`, `[B, H, R, Dv]`, valid flags `[B, R]`
+                   sk:Tensor|None=None, sv:Tensor|None=None, sok:Tensor|None=None, # sink slots, likewise (may be empty)
+                   q_sink:Tensor|None=None # `[B, H, 1, D]` query that scores the sinks (default `q`)
+                  ) -> Tensor:
+    "Decoding L1: exact softmax attention of one query over the valid ring and sink slots, `[B, H, 1, Dv]`; 0 if none is valid."
+    sc = lambda qq, kk, m: ((qq @ kk.transpose(-1, -2)) / math.sqrt(q.shape[-1])).masked_fill(~m[:, None, None, :], float('-inf'))
+    if sk is None or sk.shape[2] == 0: return _softmax_attend(sc(q, k, ok), v)
+    return _softmax_attend(sc(q, k, ok), v, sc(q if q_sink is None else q_sink, sk, sok), sv)
 
 # %% ../nbs/07_tensor_cache.ipynb #9ace9b8c
 def evicted_stream(k:Tensor, # keys `[B, H, T, D]` (post-RoPE)
@@ -133,6 +144,9 @@ class TCState:
                  t:int=0 # number of tokens seen
                 ): store_attr()
     def tensors(self) -> list[Tensor]: return [self.sink_k, self.sink_v, self.sink_ok, self.ring_k, self.ring_v, self.ring_ok, self.A]
+    def clone(self) -> TCState:
+        "An independent copy (`step` updates a state in place while decoding)."
+        return TCState(*[x.clone() for x in self.tensors()], t=self.t)
     def nbytes(self) -> int:
         "Bytes held by the state's tensors (independent of `t`)."
         return sum(x.numel() * x.element_size() for x in self.tensors())
@@ -229,45 +243,42 @@ def init_state(self:TensorCacheAttention,
     return TCState(z(B, H, ns, D), z(B, H, ns, D), no(ns), z(B, H, R, D), z(B, H, R, D), no(R), z(B, H, D, D), 0)
 
 # %% ../nbs/07_tensor_cache.ipynb #286f0a5c
-def _put(x:Tensor, i:int, val:Tensor, dim:int) -> Tensor:
-    "Out-of-place `x[..., i, ...] = val` along `dim`."
-    x = x.clone(); x.select(dim, i).copy_(val); return x
+@patch
+def _evict(self:TensorCacheAttention, state:TCState, slot:int, dtype) -> Tensor:
+    "A after writing the token held in ring `slot` (weight 0 if it was padding), by the outer or the delta rule."
+    lam, eta = self.lam.to(dtype), self.eta.to(dtype)
+    ke, ve = unit(state.ring_k[:, :, slot]) * state.ring_ok[:, slot, None, None].to(dtype), state.ring_v[:, :, slot]
+    if self.rule == 'outer': return lam[:, None, None]*state.A + eta[:, None, None]*ke[..., :, None]*ve[..., None, :]
+    return delta_write(state.A, ke, ve, lam, eta)
 
 @patch
 def step(self:TensorCacheAttention,
           x_t:Tensor, # one token per sequence `[B, E]`
-          state:TCState, # from `init_state` or the previous `step`
+          state:TCState, # from `init_state` or the previous `step`; updated in place unless autograd is recording
           pad_mask:Tensor|None=None # `[B]`, 1 = real token, 0 = padding
          ) -> tuple[Tensor, TCState]:
-    "Streaming (decoding) form: `(y_t [B, E], new state)`; computes what `forward` computes at position `state.t`."
+    "Streaming (decoding) form: `(y_t [B, E], state at t + 1)`; computes what `forward` computes at position `state.t`."
     _check(x_t, 'x_t', ndim=2, last=self.d_model, shape='[B, E]')
     B, t, ns, R = x_t.shape[0], state.t, self.n_sink, self.ring
     if state.A.shape[0] != B: raise ValueError(f"`state` holds batch {state.A.shape[0]}, `x_t` has {B} rows")
     ok = self._valid(pad_mask, (B,), x_t.device)
-    ok = torch.ones(B, dtype=torch.bool, device=x_t.device) if ok is None else ok
-    q, k, v = self._qkv(x_t[:, None], torch.tensor([t], device=x_t.device))          # [B, H, 1, D]
-    sk, sv, sok, rk, rv, rok, A = state.tensors()
-    lam, eta = self.lam.to(q.dtype), self.eta.to(q.dtype)
-    if t < ns: sk, sv, sok = _put(sk, t, k[:, :, 0], 2), _put(sv, t, v[:, :, 0], 2), _put(sok, t, ok, 1)
+    q, k, v = self._qkv(x_t[:, None], torch.arange(t, t + 1, device=x_t.device))    # [B, H, 1, D]
+    new = state.clone() if torch.is_grad_enabled() else state
+    if t < ns: K, V, OK, i = new.sink_k, new.sink_v, new.sink_ok, t
     else:
-        slot = (t - ns) % R
-        if t - ns >= R:                                                                 # evict token t − R into L2
-            ke = unit(rk[:, :, slot]) * rok[:, slot, None, None].to(q.dtype)
-            if self.rule == 'outer': A = lam[:, None, None]*A + eta[:, None, None]*ke[..., :, None]*rv[:, :, slot, None, :]
-            else: A = delta_write(A, ke, rv[:, :, slot], lam, eta)
-        rk, rv, rok = _put(rk, slot, k[:, :, 0], 2), _put(rv, slot, v[:, :, 0], 2), _put(rok, slot, ok, 1)
-    keys, vals, oks = torch.cat([sk, rk], 2), torch.cat([sv, rv], 2), torch.cat([sok, rok], 1)
-    s = ((q @ keys.transpose(-1, -2)) / math.sqrt(self.head_dim)).masked_fill(~oks[:, None, None, :], float('-inf'))
-    m = s.amax(-1, keepdim=True); m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = (s - m).exp(); o = (p @ vals) / p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
-    return self._fuse(o, q @ A)[:, 0], TCState(sk, sv, sok, rk, rv, rok, A, t + 1)
+        K, V, OK, i = new.ring_k, new.ring_v, new.ring_ok, (t - ns) % R
+        if t - ns >= R: new.A = self._evict(state, i, q.dtype)                          # token t − R leaves slot i for L2
+    K[:, :, i], V[:, :, i], OK[:, i] = k[:, :, 0], v[:, :, 0], True if ok is None else ok
+    new.t = t + 1
+    o = ring_attention(q, new.ring_k, new.ring_v, new.ring_ok, new.sink_k, new.sink_v, new.sink_ok)
+    return self._fuse(o, q @ new.A)[:, 0], new
 
 # %% ../nbs/07_tensor_cache.ipynb #7c2db551
 @patch
 def stream(self:TensorCacheAttention,
             x:Tensor, # `[B, T, E]`
             pad_mask:Tensor|None=None, # `[B, T]`, 1 = real token
-            state:TCState|None=None # continue from this state (default: a fresh one)
+            state:TCState|None=None # continue from this state (default: a fresh one); updated in place unless autograd records
            ) -> tuple[Tensor, TCState]:
     "Run `step` over every position: `(y [B, T, E], final state)` — the streaming reference for `forward`."
     _check(x, 'x', ndim=3, last=self.d_model, shape='[B, T, E]')

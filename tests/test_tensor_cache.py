@@ -2,8 +2,8 @@
 import math
 import pytest, torch
 from hypothesis import given, settings, strategies as st
-from tensormem.tensor_cache import (TensorCacheAttention, TCState, window_attention, evicted_read, evicted_read_delta,
-                                    evicted_stream, rope, unit)
+from tensormem.tensor_cache import (TensorCacheAttention, TCState, window_attention, ring_attention, evicted_read,
+                                    evicted_read_delta, evicted_stream, rope, unit)
 
 
 
@@ -120,6 +120,24 @@ def test_window_attention_memory_is_linear_in_T():
     assert sizes[2048] <= 2 * 2048 * 2 * 32 * 1.05         # B·H·T·2W scores (+ slack), vs T² = 4.2M per head
 
 
+@pytest.mark.parametrize('W,ns', [(1, 0), (4, 0), (5, 2), (7, 6), (40, 3)])
+def test_ring_attention_matches_window_attention_row(W, ns):
+    "One query over ring slots (filled as decoding fills them, in slot order) and sinks = that query's row of window_attention."
+    g = torch.Generator().manual_seed(W + 100 * ns)
+    B, H, T, D, R = 2, 3, 23, 8, W - ns
+    q, k, v, qs = torch.randn(4, B, H, T, D, generator=g, dtype=torch.float64)
+    valid = torch.rand(B, T, generator=g) > 0.3
+    full = window_attention(q, k, v, W, ns, valid, q_sink=qs)
+    for t in range(T):
+        rk, rv = torch.zeros(2, B, H, R, D, dtype=torch.float64); rok = torch.zeros(B, R, dtype=torch.bool)
+        for s in range(max(ns, t - R + 1), t + 1):
+            i = (s - ns) % R; rk[:, :, i], rv[:, :, i], rok[:, i] = k[:, :, s], v[:, :, s], valid[:, s]
+        sok = valid[:, :ns] & (torch.arange(ns) <= t)
+        got = ring_attention(q[:, :, t:t + 1], rk, rv, rok, k[:, :, :ns], v[:, :, :ns], sok, q_sink=qs[:, :, t:t + 1])
+        torch.testing.assert_close(got, full[:, :, t:t + 1], rtol=1e-12, atol=1e-12)
+    assert ring_attention(q[:, :, :1], k[:, :, :4], v[:, :, :4], torch.zeros(B, 4, dtype=torch.bool)).abs().max() == 0
+
+
 def test_evicted_read_and_delta():
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(3, 2, 3, 26, 5, generator=g, dtype=torch.float64)
@@ -209,6 +227,47 @@ def test_state_is_bounded():
     with torch.no_grad():
         y1, st = mod.stream(x[:, :13]); y2, _ = mod.stream(x[:, 13:], state=st)
         torch.testing.assert_close(torch.cat([y1, y2], 1), mod(x), rtol=1e-5, atol=1e-5)
+
+
+def test_step_in_place_when_decoding_functional_under_autograd():
+    torch.manual_seed(2)
+    mod = TensorCacheAttention(16, 2, 4, n_sink=1, rope=True, gate_init=1.0)
+    x = torch.randn(2, 12, 16)
+    with torch.no_grad():
+        _, st = mod.stream(x[:, :9]); keep = st.clone()
+        y1, st1 = mod.step(x[:, 9], st)
+    assert st1 is st and st.t == 10 and keep.t == 9
+    assert not torch.equal(st.ring_k, keep.ring_k) and not torch.equal(st.A, keep.A)     # slot written, token evicted
+    y2, st2 = mod.step(x[:, 9], keep)
+    assert st2 is not keep and keep.t == 9 and st2.t == 10
+    torch.testing.assert_close(y1, y2.detach())
+    for a, b in zip(st1.tensors(), st2.tensors()): assert torch.equal(a, b.detach())
+
+
+def test_decode_step_allocation_is_flat_and_copies_no_buffer():
+    "Under no_grad a step allocates the same bytes at any context and never a tensor the size of the ring buffer."
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    class Alloc(TorchDispatchMode):
+        def __enter__(self): self.largest = self.total = 0; return super().__enter__()
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            ins = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:   # new memory only: outputs that share no storage with an input (views do)
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in ins:
+                    self.largest = max(self.largest, t.numel()); self.total += t.numel() * t.element_size()
+            return out
+    mod = TensorCacheAttention(32, 4, 64, n_sink=4, rope=True).eval()     # D = 8, ring 60 slots
+    x = torch.randn(1, 700, 32); seen = {}
+    with torch.no_grad():
+        _, st = mod.stream(x[:, :100])
+        with Alloc() as a: mod.step(x[:, 100], st)
+        seen[100] = (a.largest, a.total)
+        _, st = mod.stream(x[:, 101:699], state=st)
+        with Alloc() as a: mod.step(x[:, 699], st)
+        seen[699] = (a.largest, a.total)
+    assert seen[100] == seen[699]
+    assert seen[100][0] < st.ring_k.numel() // 2          # no clone / cat of the K or V slots
 
 
 def test_bad_input():
