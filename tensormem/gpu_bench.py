@@ -10,8 +10,8 @@ import torch, torch.nn.functional as F
 
 # %% auto #0
 __all__ = ['FULL', 'QUICK', 'SMOKE', 'environment', 'make_timer', 'bench_decode', 'bench_encode', 'bench_tensor_cache',
-           'bench_tc_step', 'targets', 'checks', 'main', 'records_dir', 'find_records', 'table', 'show_record',
-           'plot_decode']
+           'bench_tc_step', 'bench_model_step', 'targets', 'checks', 'main', 'records_dir', 'find_records', 'table',
+           'show_record', 'plot_decode']
 
 # %% ../nbs/09a_gpu_eval.ipynb #ca2443da
 from .core import seed_everything
@@ -188,11 +188,60 @@ def bench_tc_step(timer, contexts:list, # [t, ...]
     for r in rows: r['over_first'] = _ratio(r['step_ms'], base)
     return rows
 
+# %% ../nbs/09a_gpu_eval.ipynb #0057f22f
+def bench_model_step(timer, sizes:list, # [(B, T), ...]
+                     S:int=96, radius_bits:int=4, # HQMQ configuration (Med3× 'med_token')
+                     layers:int=2, # decoder layers of the model (its attention and MLP weights are Llama-3-8B-sized)
+                     geometry:dict|None=None, # LlamaConfig overrides (default: Llama-3-8B widths, vocabulary 32k)
+                     sinks:int=4, # unquantized sink tokens of the quantized caches
+                     ref_max_elems:int=2**28, # time the dequantize-everything reference only up to B·H_kv·T·d_h ≤ this
+                     device=None) -> list[dict]:
+    "One decode step (one new token, the cache holding T) of a random-weight Llama through `DynamicCache` + SDPA, `FusedHQMQCache` and `QuantizedKVCache`."
+    from transformers import LlamaConfig, LlamaForCausalLM, DynamicCache
+    from .fused import FusedHQMQCache, enable_fused_hqmq
+    from .hf_cache import QuantizedKVCache
+    dev = device or ('cuda' if torch.cuda.is_available() else 'cpu'); dt = torch.float16 if dev == 'cuda' else torch.float32
+    geo = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+    geo.update(geometry or {})
+    cfg = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max(T for _, T in sizes) + 65536, **geo)
+    seed_everything(0)
+    with torch.device(dev): model = enable_fused_hqmq(LlamaForCausalLM(cfg).to(dt).eval())
+    Hkv, d = cfg.num_key_value_heads, cfg.head_dim
+    hq, rows = HQMQ(S, radius_bits, layers, Hkv, d, outliers='med_token'), []
+    for B, T in sizes:
+        g = torch.Generator(device=dev).manual_seed(B * 7919 + T)
+        kv = [[torch.randn(B, Hkv, T, d, generator=g, device=dev, dtype=dt) for _ in range(2)] for _ in range(layers)]
+        tok = torch.randint(0, cfg.vocab_size, (B, 1), generator=g, device=dev)
+        def filled(cache):
+            for i, (k, v) in enumerate(kv): cache.update(k, v, i)
+            return cache
+        caches = dict(dense=filled(DynamicCache(config=cfg)), fused=filled(FusedHQMQCache(cfg, hq, sink_tokens=sinks, backend='triton')))
+        if B * Hkv * T * d <= ref_max_elems: caches['reference'] = filled(QuantizedKVCache(cfg, hq, sink_tokens=sinks))
+        del kv
+        for l in caches['fused'].layers:                   # room for every timed step: no reallocation inside the timing
+            for s in l.stores.values(): s._grow(T + 65536)
+        row = dict(B=B, T=T, layers=layers, config=hq.name, sinks=sinks, bytes_dense=2 * 2 * layers * B * Hkv * T * d,
+                   bytes_fused=caches['fused'].nbytes())
+        with torch.no_grad():
+            logits = {n: model(tok, cache=c).logits.float() for n, c in caches.items()}     # one step each (also a warm-up)
+            lay = caches['fused'].layers[-1]                # the kernel against the slow path on the same cache
+            q = torch.randn(B, cfg.num_attention_heads, 1, d, generator=g, device=dev, dtype=dt)
+            lay_ref = lay.attend_reference(q).float()
+            row['max_rel_err_fused_vs_reference_attention'] = _maxerr(lay.attend(q), lay_ref) / float(lay_ref.abs().max())
+            if 'reference' in logits: row['max_logit_diff_fused_vs_reference'] = _maxerr(logits['fused'], logits['reference'])
+            row['max_logit_diff_fused_vs_dense'] = _maxerr(logits['fused'], logits['dense'])
+            for n, c in caches.items(): row[f'{n}_ms'] = timer(lambda: model(tok, cache=c))
+        row['fused_over_dense'] = _ratio(row['fused_ms'], row['dense_ms'])
+        row['reference_over_dense'] = _ratio(row.get('reference_ms'), row['dense_ms'])
+        rows.append(row); del caches, logits; _free()
+    return rows
+
 # %% ../nbs/09a_gpu_eval.ipynb #34d29a7a
 FULL = dict(decode=[(1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (1, 32768), (1, 65536), (1, 131072), (8, 8192), (8, 32768)],
-            encode=[(1, 32768), (1, 131072)], tc=[4096, 16384, 65536], step=[1024, 8192, 32768, 131072])
-QUICK = dict(decode=[(1, 8192), (1, 32768), (1, 131072), (8, 8192)], encode=[(1, 32768)], tc=[4096, 65536], step=[1024, 131072])
-SMOKE = dict(decode=[(1, 40), (2, 33)], encode=[(1, 23)], tc=[40], step=[10, 1000])
+            encode=[(1, 32768), (1, 131072)], tc=[4096, 16384, 65536], step=[1024, 8192, 32768, 131072],
+            model=[(1, 8192), (1, 32768), (1, 131072), (8, 32768)])
+QUICK = dict(decode=[(1, 8192), (1, 32768), (1, 131072), (8, 8192)], encode=[(1, 32768)], tc=[4096, 65536], step=[1024, 131072], model=[(1, 32768), (8, 32768)])
+SMOKE = dict(decode=[(1, 40), (2, 33)], encode=[(1, 23)], tc=[40], step=[10, 1000], model=[(2, 40)])
 
 def targets(res:dict) -> dict:
     "BENCH.md §3 targets evaluated on the measured ratios (None where a number is missing)."
@@ -222,6 +271,9 @@ def checks(res:dict, smoke:bool) -> dict:
         if 'max_err_L1' in r:
             out[f"tensor cache T={r['T']} L1 max err"] = (r['max_err_L1'], r['max_err_L1'] <= (1e-5 if smoke else 5e-2))
             out[f"tensor cache T={r['T']} L2 max rel err"] = (r['max_rel_err_L2'], r['max_rel_err_L2'] <= (1e-5 if smoke else 5e-2))
+    for r in res.get('model_step', []):
+        e = r['max_rel_err_fused_vs_reference_attention']
+        out[f"model step B={r['B']} T={r['T']} fused attention rel err"] = (e, e <= (1e-4 if smoke else 1e-2))
     return out
 
 # %% ../nbs/09a_gpu_eval.ipynb #4b15ebcd
@@ -232,7 +284,7 @@ def main(argv:list[str]|None=None # command-line options, see `--help`
     ap.add_argument('--out', default=None, help='directory of the JSON record (default: bench/records in the repository)')
     ap.add_argument('--quick', action='store_true', help='fewer sizes')
     ap.add_argument('--smoke', action='store_true', help='no GPU needed: run every path once at tiny sizes in the Triton interpreter; records nothing')
-    ap.add_argument('--only', default='decode,encode,tc,step', help='comma list of sections: decode, encode, tc, step')
+    ap.add_argument('--only', default='decode,encode,tc,step,model', help='comma list of sections: decode, encode, tc, step, model')
     ap.add_argument('--S', type=int, default=96); ap.add_argument('--radius-bits', type=int, default=4)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available() and not a.smoke:
@@ -248,6 +300,9 @@ def main(argv:list[str]|None=None # command-line options, see `--help`
     if 'encode' in only: res['encode'] = bench_encode(timer, sizes['encode'], S, rb, **(dict(heads=(2, 16)) if a.smoke else {})); print('encode done', flush=True)
     if 'tc' in only: res['tensor_cache'] = bench_tensor_cache(timer, sizes['tc'], **(dict(heads=2, d=8, window=6) if a.smoke else {})); print('tensor cache done', flush=True)
     if 'step' in only: res['tc_step'] = bench_tc_step(timer, sizes['step'], **(dict(d_model=16, heads=2, window=4) if a.smoke else {})); print('step done', flush=True)
+    if 'model' in only:
+        tiny = dict(geometry=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16), sinks=2)
+        res['model_step'] = bench_model_step(timer, sizes['model'], S, rb, **(tiny if a.smoke else {})); print('model step done', flush=True)
     env = environment(); env['command'] = ' '.join(['python -m tensormem.gpu_bench', *(sys.argv[1:] if argv is None else argv)])
     ck = checks(res, a.smoke); ok = all(p for _, p in ck.values())
     rec = dict(schema=1, kind='smoke' if a.smoke else 'gpu', env=env, hqmq_config=f"s{S}r{rb}", synthetic_inputs=True,
@@ -310,6 +365,9 @@ def show_record(rec:dict):
     if R.get('tensor_cache'): print('Tensor Cache fwd+bwd:\n' + table(R['tensor_cache'], ['T', 'dtype', 'ours_ms', 'flex_window_ms', 'full_causal_ms',
         'l2_triton_ms', 'l2_triton_best_ms', 'l2_torch_ms', 'ours_over_flex', 'full_over_ours', 'max_err_L1', 'max_rel_err_L2']) + '\n')
     if R.get('tc_step'): print('Tensor Cache decode step:\n' + table(R['tc_step'], ['context', 'step_ms', 'over_first', 'state_bytes']) + '\n')
+    if R.get('model_step'): print('one decode step of a Llama-3-8B-shaped model (random weights) through each cache:\n' + table(R['model_step'], ['B', 'T', 'layers',
+        'dense_ms', 'fused_ms', 'reference_ms', 'fused_over_dense', 'reference_over_dense', 'bytes_dense', 'bytes_fused',
+        'max_rel_err_fused_vs_reference_attention', 'max_logit_diff_fused_vs_dense']) + '\n')
     if rec.get('checks'): print('correctness checks:\n' + table([dict(check=k, **v) for k, v in rec['checks'].items()], ['check', 'value', 'passed']) + '\n')
     print('targets (BENCH.md §3):\n' + table([dict(target=k, **v) for k, v in rec['targets'].items()], ['target', 'value', 'limit', 'met']))
 

@@ -5,6 +5,7 @@
 # %% ../nbs/09_kernels.ipynb #466efc52
 from __future__ import annotations
 import os, math
+from typing import NamedTuple
 import torch, torch.nn.functional as F
 from torch import Tensor
 from .core import check_tensor
@@ -13,8 +14,9 @@ from .hqmq import (HQMQ, HQMQPacked, check_kv, chunk_norms, outlier_mask, pack_b
 
 # %% auto #0
 __all__ = ['HAS_CUDA', 'INTERPRET', 'decayed_linear_attention', 'l2_read', 'sliding_window_mask_mod', 'sliding_window_attention',
-           'tensor_cache_heads', 'tensor_cache_forward', 'hqmq_encode', 'outlier_tile_offsets', 'hqmq_decode_attention',
-           'dequant_sdpa', 'decode_bytes', 'fp16_kv_bytes', 'compile_report']
+           'tensor_cache_heads', 'tensor_cache_forward', 'hqmq_encode', 'outlier_tile_offsets', 'DecodeSource',
+           'packed_source', 'decode_attention_sources', 'hqmq_decode_attention', 'dequant_sdpa', 'decode_bytes',
+           'fp16_kv_bytes', 'compile_report']
 
 # %% ../nbs/09_kernels.ipynb #2234618f
 import os, sys, torch
@@ -70,11 +72,16 @@ def _need_triton():
     if not (HAS_CUDA or INTERPRET): raise RuntimeError("no GPU and TRITON_INTERPRET=0: the kernels cannot run here; use backend='torch'")
 
 # %% ../nbs/09_kernels.ipynb #3405fe47
+_EMULATE_BF16 = tl.constexpr(INTERPRET) if HAS_TRITON else INTERPRET   # the interpreter's tl.dot misreads bf16 operands
+
 @_jit
 def _mm(a, b, DT: tl.constexpr):
     "a @ b with fp32 accumulation: IEEE fp32 (DT=0), fp16 (1) or bf16 (2) operands."
     if DT == 1: return tl.dot(a.to(tl.float16), b.to(tl.float16))
-    elif DT == 2: return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DT == 2:
+        if _EMULATE_BF16:   # round to bf16, multiply in fp32: the same products (exact in fp32), fp32 accumulation
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     else: return tl.dot(a, b, input_precision="ieee")
 
 @_jit
@@ -385,18 +392,18 @@ def hqmq_encode(hq:HQMQ, # the quantizer (its codebooks, layout and Med3× setti
 
 # %% ../nbs/09_kernels.ipynb #87125d5c
 @_jit
-def _decode_tile(plain_ptr, dig_ptr, sig_ptr, flag_ptr, outl_ptr, off_ptr, tab, pw_ptr, bh, t, tok, tile, T, Tw, ntile,
+def _decode_tile(plain_ptr, dig_ptr, sig_ptr, flag_ptr, outl_ptr, off_ptr, tab, pw_ptr, bh, t, tok, tile, TS, TWS, OFS, OSTR,
                  NC: tl.constexpr, NCP: tl.constexpr, NB: tl.constexpr, NF: tl.constexpr, M: tl.constexpr, WID: tl.constexpr,
                  RB: tl.constexpr, Q: tl.constexpr, NDIG: tl.constexpr, HAS_DIG: tl.constexpr, HAS_OUT: tl.constexpr):
-    "Decode tokens `t` [BT] of one (batch, KV head) from the packed layout to a [BT, 4·NCP] fp32 tile."
-    c = tl.arange(0, NCP); ok = tok[:, None] & (c[None, :] < NC); row = bh.to(tl.int64) * T + t
+    "Decode tokens `t` [BT] of one (batch, KV head) from the packed layout to a [BT, 4·NCP] fp32 tile (row strides TS, TWS, OFS, OSTR)."
+    c = tl.arange(0, NCP); ok = tok[:, None] & (c[None, :] < NC); row = bh.to(tl.int64) * TS + t
     bo = c * WID; by0 = bo >> 3; pb = plain_ptr + row[:, None] * NB + by0[None, :]
     v = tl.full((t.shape[0], NCP), 0, tl.int64)
     for o in tl.static_range(4): v = v | (tl.load(pb + o, mask=ok & (by0[None, :] + o < NB), other=0).to(tl.int64) << (8 * o))
     f = (v >> (bo & 7)[None, :]) & ((1 << WID) - 1)
     j = f & ((1 << M) - 1); r = (f >> M).to(tl.float32) * (tl.load(sig_ptr + row, mask=tok, other=0.).to(tl.float32) / RB)[:, None]
     if HAS_DIG:
-        w = tl.load(dig_ptr + (bh.to(tl.int64) * Tw + t // NDIG)[:, None] * NC + c[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+        w = tl.load(dig_ptr + (bh.to(tl.int64) * TWS + t // NDIG)[:, None] * NC + c[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
         j = j + (((w // tl.load(pw_ptr + t % NDIG).to(tl.uint32)[:, None]) % Q).to(tl.int64) << M)
     tb = tab + j * 4
     kw = tl.load(tb, mask=ok, other=0.) * r; kx = tl.load(tb + 1, mask=ok, other=0.) * r
@@ -404,7 +411,7 @@ def _decode_tile(plain_ptr, dig_ptr, sig_ptr, flag_ptr, outl_ptr, off_ptr, tab, 
     if HAS_OUT:
         fl = (tl.load(flag_ptr + row[:, None] * NF + (c // 8)[None, :], mask=ok, other=0).to(tl.int32) >> (c % 8)[None, :]) & 1
         cnt = _rsum(fl, 1)
-        rank = tl.load(off_ptr + bh.to(tl.int64) * ntile + tile) + (_csum(cnt, 0) - cnt)[:, None] + (_csum(fl, 1) - fl)
+        rank = bh.to(tl.int64) * OSTR + tl.load(off_ptr + bh.to(tl.int64) * OFS + tile) + (_csum(cnt, 0) - cnt)[:, None] + (_csum(fl, 1) - fl)
         isf = fl != 0; ob = outl_ptr + rank.to(tl.int64) * 4
         kw = tl.where(isf, tl.load(ob, mask=isf, other=0.).to(tl.float32), kw)
         kx = tl.where(isf, tl.load(ob + 1, mask=isf, other=0.).to(tl.float32), kx)
@@ -414,11 +421,12 @@ def _decode_tile(plain_ptr, dig_ptr, sig_ptr, flag_ptr, outl_ptr, off_ptr, tab, 
 
 # %% ../nbs/09_kernels.ipynb #e63c7c57
 @_jit
-def _hqmq_decode_attn(q_ptr, kp, kd, ks, kf, ko, koff, ktab, vp, vd, vs, vf, vo, voff, vtab, pw_ptr, m_ptr, l_ptr, acc_ptr,
-                      T, Tw, HKV, G, D, L, ntile, scale,
+def _hqmq_decode_attn(q_ptr, kp, kd, ks, kf, ko, koff, ktab, vp, vd, vs, vf, vo, voff, vtab, pw_ptr, st_ptr, m_ptr, l_ptr, acc_ptr,
+                      T, KTS, KTW, KOF, KOS, VTS, VTW, VOF, VOS, HKV, G, D, L, scale,
                       NC: tl.constexpr, NCP: tl.constexpr, NB: tl.constexpr, NF: tl.constexpr, M: tl.constexpr, WID: tl.constexpr,
                       RB: tl.constexpr, Q: tl.constexpr, NDIG: tl.constexpr, HAS_DIG: tl.constexpr, K_OUT: tl.constexpr,
-                      V_OUT: tl.constexpr, JN: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, NSPLIT: tl.constexpr, DT: tl.constexpr):
+                      V_OUT: tl.constexpr, JN: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, NSPLIT: tl.constexpr, DT: tl.constexpr,
+                      PAD: tl.constexpr):
     "One context range of one (batch, KV head) for its G query heads: decode K/V tiles, online softmax, store partials."
     bh = tl.program_id(0); sp = tl.program_id(1); hk = bh % HKV
     DP: tl.constexpr = 4 * NCP
@@ -426,25 +434,36 @@ def _hqmq_decode_attn(q_ptr, kp, kd, ks, kf, ko, koff, ktab, vp, vd, vs, vf, vo,
     qv = tl.load(q_ptr + (bh * G + g)[:, None].to(tl.int64) * D + e[None, :], mask=(g[:, None] < G) & (e[None, :] < D), other=0.).to(tl.float32) * scale
     m = tl.full((GP,), float('-inf'), tl.float32); l = tl.full((GP,), 0, tl.float32); acc = tl.full((GP, DP), 0, tl.float32)
     tk = ktab + hk.to(tl.int64) * JN * 4; tv = vtab + hk.to(tl.int64) * JN * 4
+    if PAD: first = tl.load(st_ptr + bh // HKV)                          # left padding: tokens before `first` are masked
+    else: first = 0
     for t0 in range(sp * L, tl.minimum(sp * L + L, T), BT):
-        t = t0 + tl.arange(0, BT); tok = t < T
-        k = _decode_tile(kp, kd, ks, kf, ko, koff, tk, pw_ptr, bh, t, tok, t0 // BT, T, Tw, ntile, NC, NCP, NB, NF, M, WID, RB, Q, NDIG, HAS_DIG, K_OUT)
-        s = tl.where(tok[None, :], _mm(qv, tl.trans(k), DT), float('-inf'))
-        mn = tl.maximum(m, _rmax(s, 1)); p = tl.exp(s - mn[:, None]); alpha = tl.exp(m - mn)
-        v = _decode_tile(vp, vd, vs, vf, vo, voff, tv, pw_ptr, bh, t, tok, t0 // BT, T, Tw, ntile, NC, NCP, NB, NF, M, WID, RB, Q, NDIG, HAS_DIG, V_OUT)
+        t = t0 + tl.arange(0, BT); tok = t < T                           # decode every stored token (outlier ranks count them all)
+        if PAD: att = tok & (t >= first)
+        else: att = tok
+        k = _decode_tile(kp, kd, ks, kf, ko, koff, tk, pw_ptr, bh, t, tok, t0 // BT, KTS, KTW, KOF, KOS, NC, NCP, NB, NF, M, WID, RB, Q, NDIG, HAS_DIG, K_OUT)
+        s = tl.where(att[None, :], _mm(qv, tl.trans(k), DT), float('-inf'))
+        mn = tl.maximum(m, _rmax(s, 1))
+        if PAD: mn_ = tl.where(mn == float('-inf'), 0., mn)             # a fully padded tile adds nothing
+        else: mn_ = mn
+        p = tl.exp(s - mn_[:, None]); alpha = tl.exp(m - mn_)
+        v = _decode_tile(vp, vd, vs, vf, vo, voff, tv, pw_ptr, bh, t, tok, t0 // BT, VTS, VTW, VOF, VOS, NC, NCP, NB, NF, M, WID, RB, Q, NDIG, HAS_DIG, V_OUT)
         acc = acc * alpha[:, None] + _mm(p, v, DT); l = l * alpha + _rsum(p, 1); m = mn
     o = (bh * NSPLIT + sp).to(tl.int64)
     tl.store(m_ptr + o * GP + g, m); tl.store(l_ptr + o * GP + g, l); tl.store(acc_ptr + (o * GP + g)[:, None] * DP + e[None, :], acc)
 
 @_jit
-def _combine_splits(m_ptr, l_ptr, acc_ptr, out_ptr, G, D, GP: tl.constexpr, DP: tl.constexpr, NSPLIT: tl.constexpr, NSP: tl.constexpr):
-    "Merge the ranges' (max, sum, accumulator) of one query head: o = Σ e^(m_i−m) acc_i / Σ e^(m_i−m) l_i."
+def _combine_splits(m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, G, D, GP: tl.constexpr, DP: tl.constexpr, NSPLIT: tl.constexpr,
+                    NSP: tl.constexpr, LSE: tl.constexpr):
+    "Merge the ranges' (max, sum, accumulator) of one query head: o = Σ e^(m_i−m) acc_i / Σ e^(m_i−m) l_i; optionally lse = m + log Σ e^(m_i−m) l_i."
     bh = tl.program_id(0); gi = tl.program_id(1); sp = tl.arange(0, NSP); e = tl.arange(0, DP)
     o = (bh * NSPLIT + sp).to(tl.int64) * GP + gi
     m = tl.load(m_ptr + o, mask=sp < NSPLIT, other=float('-inf')); l = tl.load(l_ptr + o, mask=sp < NSPLIT, other=0.)
-    w = tl.where(l > 0, tl.exp(m - _rmax(m, 0)), 0.)
+    mx = _rmax(tl.where(l > 0, m, float('-inf')), 0); mx_ = tl.where(mx == float('-inf'), 0., mx)
+    w = tl.where(l > 0, tl.exp(m - mx_), 0.)
     acc = tl.load(acc_ptr + o[:, None] * DP + e[None, :], mask=sp[:, None] < NSPLIT, other=0.)
-    tl.store(out_ptr + (bh.to(tl.int64) * G + gi) * D + e, (_rsum(acc * w[:, None], 0) / _rsum(l * w, 0)).to(out_ptr.dtype.element_ty), mask=e < D)
+    den = _rsum(l * w, 0)                                               # 0 only when every token is masked: output 0, lse −inf
+    tl.store(out_ptr + (bh.to(tl.int64) * G + gi) * D + e, (_rsum(acc * w[:, None], 0) / tl.where(den > 0, den, 1.)).to(out_ptr.dtype.element_ty), mask=e < D)
+    if LSE: tl.store(lse_ptr + bh.to(tl.int64) * G + gi, mx + tl.log(den))
 
 # %% ../nbs/09_kernels.ipynb #fe788bd1
 def outlier_tile_offsets(flags:Tensor, # `[B, H, T, ceil(nc/8)]` uint8 Med3× flag bits
@@ -456,6 +475,29 @@ def outlier_tile_offsets(flags:Tensor, # `[B, H, T, ceil(nc/8)]` uint8 Med3× fl
     cnt = ((flags.long()[..., None] >> torch.arange(8, device=flags.device)) & 1).flatten(-2)[..., :nc].sum(-1).flatten()
     return (torch.cumsum(cnt, 0) - cnt).view(B * H, T)[:, ::block].to(torch.int32).contiguous()
 
+class DecodeSource(NamedTuple):
+    "What the fused decode kernel reads of one role (K or V): the packed fields and their row strides."
+    plain: Tensor             # `[B·H, ≥T, NB]` uint8 bit fields (row stride `t_stride` tokens)
+    digits: Tensor|None       # `[B·H, ≥⌈T/n⌉, nc]` int32 digit words (row stride `w_stride` words), None without digits
+    sigma: Tensor             # `[B·H, ≥T]` fp16 scales
+    flags: Tensor|None        # `[B·H, ≥T, ⌈nc/8⌉]` uint8 Med3× flags, None without outliers
+    outliers: Tensor|None     # `[n, 4]` fp16 outlier chunks: (b, h) row starts at `bh · out_stride`
+    offsets: Tensor|None      # `[B·H, ≥⌈T/block⌉]` int32: first outlier of each tile within its row (row stride `off_stride`)
+    t_stride: int; w_stride: int; off_stride: int; out_stride: int
+    block: int                # tokens per tile the offsets were computed for
+    layer: int; role: str
+
+def packed_source(p:HQMQPacked, # one packed tensor `[B, H, T, d]` (a single write, or `HQMQPacked.cat` of several)
+                  nc:int, # chunks per token
+                  block:int # tokens per tile
+                 ) -> DecodeSource:
+    "View an `HQMQPacked` as a kernel source: strides equal the sizes, outliers in one row-major list (out_stride 0)."
+    T, o, w = p.shape[2], p.flags is not None, p.digits is not None
+    return DecodeSource(p.plain.contiguous(), p.digits.contiguous() if w else None, p.sigma.contiguous(),
+                        p.flags.contiguous() if o else None, p.outliers.contiguous() if o else None,
+                        outlier_tile_offsets(p.flags, nc, block) if o else None,
+                        T, p.digits.shape[2] if w else 0, -(-T // block), 0, block, p.layer, p.role)
+
 def _check_pair(hq:HQMQ, pk, pv):
     for n, p, role in (('pk', pk, 'k'), ('pv', pv, 'v')):
         if not isinstance(p, HQMQPacked) or (p.S, p.radius_bits, p.role) != (hq.S, hq.radius_bits, role):
@@ -463,42 +505,61 @@ def _check_pair(hq:HQMQ, pk, pv):
     if pk.shape != pv.shape or pk.layer != pv.layer: raise ValueError(f"`pk` and `pv` must have the same shape and layer, got {pk.shape}/{pv.shape}, layers {pk.layer}/{pv.layer}")
 
 # %% ../nbs/09_kernels.ipynb #4e1e106b
+def decode_attention_sources(q:Tensor, # one query token per sequence `[B, H_q, d_h]`, H_q a multiple of H_kv
+                             hq:HQMQ, # the quantizer that made the cache (joint tables, layout)
+                             ks:DecodeSource, vs:DecodeSource, # K and V of one layer
+                             T:int, # tokens in the cache
+                             H_kv:int, # KV heads
+                             first:Tensor|None=None, # `[B]` int: first unmasked token per sequence (left padding), default 0
+                             scale:float|None=None, # softmax scale (default 1/√d_h)
+                             n_split:int|None=None, # context ranges per (batch, KV head) (default: ~256 programs)
+                             dot:str|None=None, # 'fp32' or 'fp16' operands of the two dots (default: fp16 on CUDA)
+                             num_warps:int=4, # warps per program (GPU tuning knob)
+                             return_lse:bool=False, # also return the log-sum-exp `[B, H_q]` (fp32) of the scaled scores
+                             poison:bool=False # fill the outputs before the launch (tests)
+                            ) -> Tensor|tuple[Tensor, Tensor]: # `[B, H_q, d_h]` in q's dtype (and the lse)
+    "Flash-decoding attention of one query token over packed K/V sources, decoded in registers (GQA, Med3× outliers, left padding)."
+    _need_triton()
+    check_tensor(q, 'q', ndim=3, finite=False, shape='[B, H_q, d_h]')   # no value scan: it would sync the GPU every step
+    B, d, dev, nc = q.shape[0], hq.head_dim, q.device, hq.nc
+    if q.shape[2] != d or q.shape[1] % H_kv: raise ValueError(f"`q` must be [B, k·{H_kv}, {d}], got {tuple(q.shape)}")
+    if T <= 0: raise ValueError("the cache is empty (T = 0): nothing to attend to")
+    if (ks.role, vs.role) != ('k', 'v') or ks.layer != vs.layer or ks.block != vs.block:
+        raise ValueError(f"`ks`/`vs` must be the K and V of one layer with one block size, got roles {ks.role}/{vs.role}, layers {ks.layer}/{vs.layer}")
+    G, L_ = q.shape[1] // H_kv, hq.layout
+    has_dig = L_.q > 1; ndig = L_.n if has_dig else 1; BT = ks.block; ntile = -(-T // BT)
+    n_split = n_split or max(1, min(ntile, -(-256 // (B * H_kv))))
+    span = -(-ntile // n_split) * BT; n_split = -(-T // span)
+    NCP = _p2(nc, 4); GP, DP = max(16, _p2(G)), 4 * NCP
+    pw, z = _const(tuple(L_.q ** i if has_dig and i < ndig else 1 for i in range(_p2(ndig))), dev), _const((0,), dev, torch.int32)
+    args = lambda s: (s.plain, s.digits if has_dig else z, s.sigma, z if s.flags is None else s.flags, z if s.flags is None else s.outliers,
+                      z if s.flags is None else s.offsets)
+    strides = lambda s: (s.t_stride, max(s.w_stride, 1), s.off_stride, s.out_stride)
+    st = torch.zeros(B, dtype=torch.int32, device=dev) if first is None else first.to(device=dev, dtype=torch.int32).contiguous()
+    if st.shape != (B,): raise ValueError(f"`first` must have shape [B] = [{B}], got {tuple(st.shape)}")
+    mb = torch.empty(B * H_kv, n_split, GP, device=dev); lb = torch.empty_like(mb); acc = torch.empty(B * H_kv, n_split, GP, DP, device=dev)
+    out, lse = _alloc((B, q.shape[1], d), q.dtype, dev, poison), _alloc((B, q.shape[1]), torch.float32, dev, poison)
+    dt = {'fp32': 0, 'fp16': 1}[dot or ('fp16' if q.is_cuda else 'fp32')]
+    _hqmq_decode_attn[(B * H_kv, n_split)](q.contiguous(), *args(ks), hq.codebook(ks.layer, 'k', dev)[1].float().contiguous(), *args(vs),
+        hq.codebook(vs.layer, 'v', dev)[1].float().contiguous(), pw, st, mb, lb, acc, T, *strides(ks), *strides(vs), H_kv, G, d, span, 1 / math.sqrt(d) if scale is None else scale, nc, NCP, -(-nc * hq.width // 8),
+        -(-nc // 8), L_.m, hq.width, 2 ** hq.radius_bits - 1, L_.q, ndig, has_dig, ks.flags is not None, vs.flags is not None,
+        24 * hq.S, GP, BT, n_split, dt, first is not None, num_warps=num_warps)
+    _combine_splits[(B * H_kv, G)](mb, lb, acc, out, lse, G, d, GP, DP, n_split, _p2(n_split), return_lse)
+    return (out, lse) if return_lse else out
+
 def hqmq_decode_attention(q:Tensor, # one query token per sequence `[B, H_q, d_h]`, H_q a multiple of H_kv
                           hq:HQMQ, # the quantizer that made the cache (joint tables, layout)
                           pk:HQMQPacked, pv:HQMQPacked, # packed K and V of one layer `[B, H_kv, T, d_h]`
                           scale:float|None=None, # softmax scale (default 1/√d_h)
                           block:int=32, # tokens per decoded tile (power of two ≥ 16)
-                          n_split:int|None=None, # context ranges per (batch, KV head) (default: ~256 programs)
-                          dot:str|None=None, # 'fp32' or 'fp16' operands of the two dots (default: fp16 on CUDA)
-                          num_warps:int=4, # warps per program (GPU tuning knob)
-                          poison:bool=False # fill the outputs before the launch (tests)
+                          **kwargs # `first`, `n_split`, `dot`, `num_warps`, `return_lse`, `poison` of `decode_attention_sources`
                          ) -> Tensor: # `[B, H_q, d_h]` in q's dtype
     "Flash-decoding attention of one query token over a packed HQMQ K/V cache, decoded in registers (GQA, Med3× outliers)."
     _need_triton(); _check_pair(hq, pk, pv)
-    check_tensor(q, 'q', ndim=3, finite=False, shape='[B, H_q, d_h]')   # no value scan: it would sync the GPU every step
     B, Hkv, T, d = pk.shape
-    if q.shape[0] != B or q.shape[2] != d or q.shape[1] % Hkv: raise ValueError(f"`q` must be [B={B}, k·{Hkv}, {d}], got {tuple(q.shape)}")
-    if T == 0: raise ValueError("the cache is empty (T = 0): nothing to attend to")
-    G, L_, dev, nc = q.shape[1] // Hkv, hq.layout, q.device, hq.nc
-    has_dig = L_.q > 1; ndig = L_.n if has_dig else 1; BT = _p2(block, 16); ntile = -(-T // BT)
-    n_split = n_split or max(1, min(ntile, -(-256 // (B * Hkv))))
-    span = -(-ntile // n_split) * BT; n_split = -(-T // span)
-    NCP = _p2(nc, 4); GP, DP = max(16, _p2(G)), 4 * NCP
-    pw, z = _const(tuple(L_.q ** i if has_dig and i < ndig else 1 for i in range(_p2(ndig))), dev), _const((0,), dev, torch.int32)
-    def args(p):
-        o = p.flags is not None
-        return (p.plain.contiguous(), p.digits.contiguous() if has_dig else z, p.sigma.contiguous(), p.flags.contiguous() if o else z,
-                p.outliers.contiguous() if o else z, outlier_tile_offsets(p.flags, nc, BT) if o else z), o
-    (ka, k_out), (va, v_out) = args(pk), args(pv)
-    mb = torch.empty(B * Hkv, n_split, GP, device=dev); lb = torch.empty_like(mb); acc = torch.empty(B * Hkv, n_split, GP, DP, device=dev)
-    out = _alloc((B, q.shape[1], d), q.dtype, dev, poison)
-    dt = {'fp32': 0, 'fp16': 1}[dot or ('fp16' if q.is_cuda else 'fp32')]
-    _hqmq_decode_attn[(B * Hkv, n_split)](q.contiguous(), *ka, hq.codebook(pk.layer, 'k', dev)[1].float().contiguous(), *va,
-        hq.codebook(pv.layer, 'v', dev)[1].float().contiguous(), pw, mb, lb, acc, T, -(-T // ndig), Hkv, G, d, span, ntile,
-        1 / math.sqrt(d) if scale is None else scale, nc, NCP, -(-nc * hq.width // 8), -(-nc // 8), L_.m, hq.width,
-        2 ** hq.radius_bits - 1, L_.q, ndig, has_dig, k_out, v_out, 24 * hq.S, GP, BT, n_split, dt, num_warps=num_warps)
-    _combine_splits[(B * Hkv, G)](mb, lb, acc, out, G, d, GP, DP, n_split, _p2(n_split))
-    return out
+    if q.ndim != 3 or q.shape[0] != B or q.shape[2] != d or q.shape[1] % Hkv: raise ValueError(f"`q` must be [B={B}, k·{Hkv}, {d}], got {tuple(q.shape)}")
+    BT = _p2(block, 16)
+    return decode_attention_sources(q, hq, packed_source(pk, hq.nc, BT), packed_source(pv, hq.nc, BT), T, Hkv, scale=scale, **kwargs)
 
 # %% ../nbs/09_kernels.ipynb #0ba8be89
 def dequant_sdpa(q:Tensor, # `[B, H_q, d_h]`
@@ -527,15 +588,16 @@ def _kernel_specs() -> list:
     dla = dict(D=64, DV=64, BD=64, BV=32, C=64, DT=2)
     enc = dict(x_ptr='*fp16', sec_ptr=f32, out_ptr='*u8', pw_ptr='*i64', plain_ptr='*u8', dig_ptr='*i32', sig_ptr='*fp16')
     dec = dict(q_ptr='*fp16', kp='*u8', kd='*i32', ks='*fp16', kf='*u8', ko='*fp16', koff='*i32', ktab=f32, vp='*u8', vd='*i32', vs='*fp16',
-               vf='*u8', vo='*fp16', voff='*i32', vtab=f32, pw_ptr='*i64', m_ptr=f32, l_ptr=f32, acc_ptr=f32, scale='fp32')
-    dc = dict(NC=32, NCP=32, NB=48, NF=4, M=8, WID=12, RB=15, Q=9, NDIG=10, HAS_DIG=True, JN=2304, GP=16, NSPLIT=32, DT=1)
+               vf='*u8', vo='*fp16', voff='*i32', vtab=f32, pw_ptr='*i64', st_ptr='*i32', m_ptr=f32, l_ptr=f32, acc_ptr=f32, scale='fp32')
+    dc = dict(NC=32, NCP=32, NB=48, NF=4, M=8, WID=12, RB=15, Q=9, NDIG=10, HAS_DIG=True, JN=2304, GP=16, NSPLIT=32, DT=1, PAD=False)
     return [(_dla_states, dict(b_ptr=bf, c_ptr=bf, st_ptr=f32, lam_ptr=f32, eta_ptr=f32), dict(dla, REV=False), 4),
             (_dla_out, dict(a_ptr=bf, b_ptr=bf, c_ptr=bf, st_ptr=f32, o_ptr=bf, lam_ptr=f32, eta_ptr=f32), dict(dla, REV=True), 4),
             (_hqmq_encode, enc, dict(D=128, NC=32, NCP=32, NB=48, NBP=64, M=8, WID=12, QMAX=15, NDIG=10, TI=16, WPB=2, HAS_DIG=True, HAS_OUT=True, SIG_OUT=False), 4),
             (_hqmq_decode_attn, dec, dict(dc, K_OUT=False, V_OUT=False, BT=32), 4),
             (_hqmq_decode_attn, dec, dict(dc, K_OUT=True, V_OUT=True, BT=32), 4),
             (_hqmq_decode_attn, dec, dict(dc, K_OUT=False, V_OUT=False, BT=64), 8),
-            (_combine_splits, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr='*fp16'), dict(GP=16, DP=128, NSPLIT=32, NSP=32), 4)]
+            (_hqmq_decode_attn, dec, dict(dc, K_OUT=True, V_OUT=True, BT=32, PAD=True), 4),
+            (_combine_splits, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr='*fp16', lse_ptr=f32), dict(GP=16, DP=128, NSPLIT=32, NSP=32, LSE=True), 4)]
 
 # %% ../nbs/09_kernels.ipynb #372aa462
 def compile_report(arch:int=90 # NVIDIA compute capability ×10 (90 = H100, 80 = A100, 89 = L4/RTX 4090)
@@ -554,7 +616,7 @@ def compile_report(arch:int=90 # NVIDIA compute capability ×10 (90 = H100, 80 =
     cuobj, rows = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'), []
     for fn, types, consts, warps in _kernel_specs():
         sig = {n: 'constexpr' if n in consts else types.get(n, 'i32') for n in fn.arg_names}
-        row = dict(kernel=fn.__name__, config=', '.join(f"{k}={v}" for k, v in consts.items() if k in ('BT', 'K_OUT', 'REV', 'HAS_OUT')), num_warps=warps)
+        row = dict(kernel=fn.__name__, config=', '.join(f"{k}={v}" for k, v in consts.items() if k in ('BT', 'K_OUT', 'REV', 'HAS_OUT', 'PAD')), num_warps=warps)
         try:
             k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget('cuda', arch, 32), options=dict(num_warps=warps))
             with tempfile.NamedTemporaryFile(suffix='.cubin') as f:

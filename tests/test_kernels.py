@@ -254,3 +254,32 @@ def test_kernels_compile_for_h100_and_a100():
         rows = compile_report(arch)
         assert len(rows) == 7 and all(r['compiled'] for r in rows), [r.get('error') for r in rows]
         assert all(r['stack_bytes'] == 0 for r in rows)
+
+
+# ---------------------------------------------------------------- bf16 on CPU (the interpreter, with `_mm`'s bf16 emulation)
+
+def test_bf16_l2_read_forward_and_grads_in_interpreter():
+    g = torch.Generator().manual_seed(11)
+    B, H, T, D, W = 2, 2, 45, 16, 8
+    x = [torch.randn(B, H, T, D, generator=g).bfloat16() for _ in range(3)]
+    lam = torch.tensor([.9, .97], requires_grad=True); eta = torch.tensor([.1, .3], requires_grad=True)
+    qb, kb, vb = [t.clone().requires_grad_() for t in x]
+    qf, kf, vf = [t.float().requires_grad_() for t in x]          # the same (bf16-rounded) numbers in fp32
+    r = l2_read(qb, kb, vb, lam, eta, W, n_sink=1, backend='triton')
+    ref = evicted_read(qf, kf, vf, lam, eta, W, 1)
+    assert r.dtype == torch.bfloat16 and (r.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    go = torch.randn(ref.shape, generator=g)
+    gl = torch.autograd.grad(r.float(), [qb, kb, vb, lam, eta], go)
+    gr = torch.autograd.grad(ref, [qf, kf, vf, lam, eta], go)
+    for a, b in zip(gl, gr): assert (a.float() - b).abs().max() <= 2e-2 * b.abs().max()
+
+
+def test_bf16_fused_decode_in_interpreter():
+    hq = HQMQ(12, 3, 1, 2, 32, outliers='med_token')
+    x = synthetic_kv(2, 2, 50, 32, seed=8)
+    pk, pv = hq.quantize(x.bfloat16(), 0, 'k'), hq.quantize(x.flip(2).bfloat16(), 0, 'v')
+    q = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3)).bfloat16()
+    ref = dequant_sdpa(q, hq, pk, pv, dtype=torch.float64)
+    for dot in ('fp16', 'fp32'):
+        o = hqmq_decode_attention(q, hq, pk, pv, block=16, dot=dot, poison=True)
+        assert o.dtype == torch.bfloat16 and (o.double() - ref).abs().max() <= 1e-2 * ref.abs().max()

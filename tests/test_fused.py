@@ -1,0 +1,127 @@
+"Fused HQMQ decode in transformers (09b_fused_decode): the append-only store, the kernel over it, generate() through it."
+import math, pytest, torch
+from hypothesis import given, settings, strategies as st
+from conftest import tiny_llama
+from tensormem.hqmq import HQMQ, HQMQPacked, synthetic_kv, codes_equal, unpack_bits
+from tensormem.hf_cache import QuantizedKVCache
+from tensormem.kernels import decode_attention_sources
+import tensormem.fused as fused
+from tensormem.fused import HQMQStore, FusedHQMQCache, FusedKV, enable_fused_hqmq, left_padding_starts
+
+
+@settings(max_examples=12, deadline=None)
+@given(cfg=st.sampled_from([(6, 3, None), (12, 3, 'med_token'), (96, 4, 'med'), (41, 2, 'med_row'), (7, 5, 'med_token')]),
+       d=st.integers(1, 24), B=st.integers(1, 2), H=st.integers(1, 3),
+       cuts=st.lists(st.integers(1, 40), min_size=1, max_size=6), block=st.sampled_from([16, 32]), cap=st.integers(1, 70))
+def test_store_is_cat_of_writes(cfg, d, B, H, cuts, block, cap):
+    S, b, mode = cfg
+    hq = HQMQ(S, b, 1, H, d, outliers=mode)
+    x = synthetic_kv(B, H, sum(cuts), d, seed=len(cuts))
+    pos = [0]
+    for c in cuts: pos.append(pos[-1] + c)
+    pieces = [hq.quantize(x[:, :, a:e], 0, 'v') for a, e in zip(pos, pos[1:])]
+    s = HQMQStore(hq, 0, 'v', B, H, block=block, capacity=cap)
+    for p in pieces: s.append(p)
+    ref = HQMQPacked.cat(pieces)
+    assert len(s) == sum(cuts) and codes_equal(s.packed(), ref)
+    assert torch.equal(s.dequantize(), hq.dequantize(ref))
+    n_off = 4 * B * H * -(-sum(cuts) // block) if mode else 0
+    assert s.nbytes() == ref.nbytes + n_off and s.capacity_nbytes() >= s.nbytes()
+    if mode:   # every tile offset points at the row's first outlier of that tile
+        cnt = unpack_bits(ref.flags, 1, hq.nc).sum(-1).reshape(B * H, -1); before = torch.cumsum(cnt, 1) - cnt
+        assert torch.equal(s.offsets[:, :-(-sum(cuts) // block)].long(), before[:, ::block])
+
+
+def test_store_errors():
+    hq = HQMQ(6, 3, 2, 2, 8)
+    s = HQMQStore(hq, 0, 'v', 1, 2)
+    x = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="role 'v'"): s.append(hq.quantize(x, 0, 'k'))
+    with pytest.raises(ValueError, match='layer 0'): s.append(hq.quantize(x, 1, 'v'))
+    with pytest.raises(ValueError, match=r'shape \[1, 2, n, 8\]'): s.append(hq.quantize(torch.randn(2, 2, 3, 8), 0, 'v'))
+    with pytest.raises(ValueError, match='outliers'): s.append(HQMQ(6, 3, 2, 2, 8, outliers='med_token').quantize(x, 0, 'v'))
+    s.append(hq.quantize(x, 0, 'v'))
+    with pytest.raises(ValueError, match='dtype'): s.append(hq.quantize(x.half(), 0, 'v'))
+    with pytest.raises(ValueError, match='n_kv_heads'): HQMQStore(hq, 0, 'v', 1, 3)
+    with pytest.raises(ValueError, match='power of two'): HQMQStore(hq, 0, 'v', 1, 2, block=48)
+    with pytest.raises(ValueError): HQMQStore(hq, 2, 'v', 1, 2)
+    with pytest.raises(ValueError, match="'k' or 'v'"): HQMQStore(hq, 0, 'q', 1, 2)
+    with pytest.raises(TypeError, match='HQMQ'): HQMQStore(object(), 0, 'v', 1, 2)
+    with pytest.raises(ValueError, match='empty'): HQMQStore(hq, 0, 'v', 1, 2).packed()
+
+
+def test_outlier_capacity_syncs_rarely():
+    hq = HQMQ(12, 3, 1, 2, 64, outliers='med_token')
+    x = synthetic_kv(1, 2, 600, 64, seed=5)
+    s = HQMQStore(hq, 0, 'k', 1, 2)
+    s.append(hq.quantize(x[:, :, :100], 0, 'k'))
+    for t in range(100, 600): s.append(hq.quantize(x[:, :, t:t + 1], 0, 'k'))
+    assert codes_equal(s.packed(), hq.quantize(x, 0, 'k'))   # med_token is per token: one write or 501, the same codes
+    assert 1 <= s.n_syncs <= 25, s.n_syncs   # 501 appends, a handful of device reads
+
+
+@pytest.mark.parametrize('S,b,mode,d,G', [(6, 3, None, 8, 3), (12, 3, 'med_token', 20, 1), (96, 4, 'med', 32, 2)])
+def test_kernel_over_store_with_padding_and_lse(S, b, mode, d, G):
+    hq = HQMQ(S, b, 2, 2, d, outliers=mode)
+    x = synthetic_kv(2, 2, 90, d, seed=2)
+    sk, sv = HQMQStore(hq, 1, 'k', 2, 2, block=16, capacity=8), HQMQStore(hq, 1, 'v', 2, 2, block=16, capacity=300)
+    for a, e in ((0, 33), (33, 34), (34, 90)):
+        sk.append(hq.quantize(x[:, :, a:e], 1, 'k')); sv.append(hq.quantize(x[:, :, a:e].flip(-1), 1, 'v'))
+    assert sk.cap != sv.cap                       # different capacities: the kernel takes each role's strides
+    q = torch.randn(2, 2 * G, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    first = torch.tensor([17, 0])
+    o, lse = decode_attention_sources(q.float(), hq, sk.source(), sv.source(), 90, 2, first=first, return_lse=True, n_split=4, poison=True)
+    kk, vv = [s.dequantize().double().repeat_interleave(G, 1) for s in (sk, sv)]
+    s = torch.einsum('bhd,bhtd->bht', q, kk) / math.sqrt(d)
+    s[0, :, :17] = float('-inf')
+    ref = torch.einsum('bht,bhtd->bhd', s.softmax(-1), vv)
+    assert (o.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (lse.double() - s.logsumexp(-1)).abs().max() <= 1e-4 * s.logsumexp(-1).abs().max()
+
+
+def test_left_padding_starts():
+    assert left_padding_starts(None, 4) is None
+    m = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)[:, None, None]
+    assert left_padding_starts(m, 4).tolist() == [0, 3]
+    assert left_padding_starts(torch.tensor([[0., 0., -1e9]])[:, None, None].flip(-1), 3).tolist() == [1]
+    with pytest.raises(ValueError, match='left padding only'): left_padding_starts(torch.tensor([[1, 0, 1]], dtype=torch.bool)[:, None, None], 3)
+    with pytest.raises(ValueError, match='≥5'): left_padding_starts(m, 5)
+
+
+def _gen(model, cache, ids, am, n=4):
+    return model.generate(ids, attention_mask=am, cache=cache, max_new_tokens=n, do_sample=False, output_scores=True,
+                          return_dict_in_generate=True, pad_token_id=0)
+
+
+@pytest.mark.parametrize('sinks,fp_layers,mode,pad', [(0, (), None, False), (2, (), 'med_token', True), (3, (1,), 'med', True)])
+def test_generate_through_kernel_equals_reference(monkeypatch, sinks, fp_layers, mode, pad):
+    model = enable_fused_hqmq(tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2))
+    assert model.config._attn_implementation == fused.ATTN_NAME
+    hq = HQMQ(24, 3, 2, 2, 16, outliers=mode)
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1)); am = torch.ones_like(ids)
+    if pad: am[0, :4] = 0
+    calls = []
+    real = fused.decode_attention_sources
+    monkeypatch.setattr(fused, 'decode_attention_sources', lambda *a, **k: calls.append(1) or real(*a, **k))
+    fc = FusedHQMQCache(model.config, hq, sink_tokens=sinks, fp_layers=fp_layers, backend='triton')
+    out_f = _gen(model, fc, ids, am)
+    monkeypatch.undo()
+    out_r = _gen(model, QuantizedKVCache(model.config, hq, sink_tokens=sinks, fp_layers=fp_layers), ids, am)
+    assert len(calls) == (2 - len(fp_layers)) * 3            # every decode step of every quantized layer
+    assert torch.equal(out_f.sequences, out_r.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(out_f.scores, out_r.scores)) < 1e-4
+
+
+def test_backend_choice_and_errors():
+    model = enable_fused_hqmq(tiny_llama(hidden=32, layers=1, heads=2, kv_heads=1))
+    hq = HQMQ(6, 3, 1, 1, 16)
+    ids = torch.randint(1, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    fc = FusedHQMQCache(model.config, hq)                     # 'auto' on CPU: the reference path, same numbers
+    qc = QuantizedKVCache(model.config, hq)
+    a, b = _gen(model, fc, ids, None, 3), _gen(model, qc, ids, None, 3)
+    assert torch.equal(a.sequences, b.sequences) and all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
+    with pytest.raises(TypeError, match='HQMQ'): FusedHQMQCache(model.config, object())
+    with pytest.raises(ValueError, match='backend'): FusedHQMQCache(model.config, hq, backend='cuda')
+    plain = tiny_llama(hidden=32, layers=1, heads=2, kv_heads=1)   # handle reaching SDPA: a clear error, not garbage
+    with pytest.raises(TypeError, match='enable_fused_hqmq'): _gen(plain, FusedHQMQCache(plain.config, hq, backend='triton'), ids, None, 3)
+    with pytest.raises(TypeError, match='enable_fused_hqmq'): FusedKV(None).shape
