@@ -198,8 +198,8 @@ def bench_model_step(timer, sizes:list, # [(B, T), ...]
                      device=None) -> list[dict]:
     "One decode step (one new token, the cache holding T) of a random-weight Llama through `DynamicCache` + SDPA, `FusedHQMQCache` and `QuantizedKVCache`."
     from transformers import LlamaConfig, LlamaForCausalLM, DynamicCache
-    from .fused import FusedHQMQCache, enable_fused_hqmq
-    from .hf_cache import QuantizedKVCache
+    from tensormem.fused import FusedHQMQCache, enable_fused_hqmq
+    from tensormem.hf_cache import QuantizedKVCache
     dev = device or ('cuda' if torch.cuda.is_available() else 'cpu'); dt = torch.float16 if dev == 'cuda' else torch.float32
     geo = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
     geo.update(geometry or {})
