@@ -48,3 +48,21 @@ def test_wheel_builds_and_imports(tmp_path):
     cfg = configparser.ConfigParser(); cfg.read(root/'settings.ini')
     ver, path = out.stdout.split()
     assert ver == cfg['DEFAULT']['version'] and str(env_dir) in path
+
+
+def test_docs_processing_runs_no_computation():
+    "nbdev's docs processing executes every cell that contains an import (and every exported cell): such cells may only import and define."
+    import ast, json
+    bad = []
+    for f in sorted((root/'nbs').glob('*.ipynb')):
+        for i, c in enumerate(json.loads(f.read_text())['cells']):
+            src = ''.join(c['source'])
+            if c['cell_type'] != 'code' or 'nbdev_export()' in src: continue
+            dirs = [l[3:].strip() for l in src.splitlines() if l.startswith('#| ')]
+            if any(d.split()[0] in ('export', 'exports', 'exporti', 'exec_doc') for d in dirs if d) or 'eval: false' in dirs: continue
+            try: tree = ast.parse('\n'.join(l for l in src.splitlines() if not l.lstrip().startswith(('!', '%'))))
+            except SyntaxError: continue
+            if not any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(tree)): continue
+            allowed = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+            if not all(isinstance(s, allowed) for s in tree.body): bad.append(f"{f.name} cell {i}: {src[:80]!r}")
+    assert not bad, "cells mixing imports with other code (docs processing would run them):\n" + "\n".join(bad)
