@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import check_tensor
-from .tensor_cache import rope, window_attention, ring_attention, TensorCacheAttention
+from .core import check_tensor, check_int
+from .tensor_cache import rope, rope_angles, rotate, window_attention, ring_attention, scan_read, check_input, TensorCacheAttention
 
 # %% auto #0
 __all__ = ['MODES', 'BOUNDED', 'HeadsBase', 'FullAttention', 'WindowAttention', 'shifted_linear_read', 'InfiniAttention',
@@ -20,13 +20,15 @@ class HeadsBase(nn.Module):
     "q/k/v projection into `[B, H, T, D]` heads and the output projection, shared by every attention mode."
     def __init__(self, d_model:int, # model width E
                  n_heads:int, # heads H; D = E // H must be even (RoPE)
-                 rope_base:float=10000. # RoPE base θ
+                 rope_base:float=10000., # RoPE base θ
+                 check_finite:bool|None=None # scan inputs for NaN/Inf: None = on the CPU only (no GPU sync), True/False = always/never
                 ):
         super().__init__()
         if not isinstance(n_heads, int) or n_heads <= 0: raise ValueError(f"`n_heads` must be a positive int, got {n_heads!r}")
         if d_model % n_heads: raise ValueError(f"`d_model` ({d_model}) must be divisible by `n_heads` ({n_heads})")
         if (d_model // n_heads) % 2: raise ValueError(f"head dim `d_model // n_heads` = {d_model // n_heads} must be even for RoPE")
         self.d_model, self.n_heads, self.d_head, self.rope_base = d_model, n_heads, d_model // n_heads, rope_base
+        self.check_finite = check_finite
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
 
@@ -41,8 +43,12 @@ class HeadsBase(nn.Module):
     def rope(self, x, pos): # rotate `[B, H, T, D]` at integer positions `[T]`
         return rope(x, pos, self.rope_base)
 
-    def check_x(self, x, name='x', ndim=3):
-        return check_tensor(x, name, ndim=ndim, last=self.d_model, shape='[B, T, E]' if ndim == 3 else '[B, E]')
+    def rope_qk(self, q, k, pos): # rotate q and k `[B, H, T, D]` at the same positions `[T]`, the angles computed once
+        cs = rope_angles(pos, self.d_head, self.rope_base, q.dtype)
+        return rotate(q, cs), rotate(k, cs)
+
+    def check_x(self, x, name='x', ndim=3, device=None): # host-side checks; values scanned per `check_finite`
+        return check_input(x, name, self.check_finite, device, ndim=ndim, last=self.d_model, shape='[B, T, E]' if ndim == 3 else '[B, E]')
 
 # %% ../nbs/07a_lm.ipynb #dab9fc6f
 class FullAttention(HeadsBase):
@@ -52,7 +58,7 @@ class FullAttention(HeadsBase):
         "Parallel causal attention (SDPA)."
         self.check_x(x)
         q, k, v = self.split(x); pos = torch.arange(x.shape[1], device=x.device)
-        return self.merge(F.scaled_dot_product_attention(self.rope(q, pos), self.rope(k, pos), v, is_causal=True))
+        return self.merge(F.scaled_dot_product_attention(*self.rope_qk(q, k, pos), v, is_causal=True))
 
     def init_state(self, batch_size:int, # B
                    capacity:int=64 # initial K/V slots; the buffer doubles when full
@@ -64,12 +70,12 @@ class FullAttention(HeadsBase):
     def step(self, x_t:torch.Tensor, # `[B, E]`, the token at position `state['t']`
              state:dict) -> tuple[torch.Tensor, dict]:
         "Append this token's K/V and attend over the whole cache."
-        self.check_x(x_t, 'x_t', ndim=2)
-        t = state['t']; q, k, v = self.split(x_t[:, None]); pos = torch.tensor([t], device=x_t.device)
+        self.check_x(x_t, 'x_t', 2, state['k'].device)
+        t = state['t']; q, k, v = self.split(x_t[:, None]); q, k = self.rope_qk(q, k, torch.arange(t, t + 1, device=x_t.device))
         K, V = state['k'], state['v']
         if t == K.shape[2]: K, V = torch.cat([K, torch.zeros_like(K)], 2), torch.cat([V, torch.zeros_like(V)], 2)
-        K[:, :, t] = self.rope(k, pos)[:, :, 0]; V[:, :, t] = v[:, :, 0]
-        y = F.scaled_dot_product_attention(self.rope(q, pos), K[:, :, :t + 1], V[:, :, :t + 1])
+        K[:, :, t] = k[:, :, 0]; V[:, :, t] = v[:, :, 0]
+        y = F.scaled_dot_product_attention(q, K[:, :, :t + 1], V[:, :, :t + 1])
         return self.merge(y)[:, 0], dict(k=K, v=V, t=t + 1)
 
 # %% ../nbs/07a_lm.ipynb #3412cdf5
@@ -79,9 +85,10 @@ class WindowAttention(HeadsBase):
                  n_heads:int, # heads H
                  window:int, # W: K/V pairs held in total (sinks + ring)
                  n_sink:int=0, # attention sinks (StreamingLLM), `0 ≤ n_sink < window`
-                 rope_base:float=10000. # RoPE base θ
+                 rope_base:float=10000., # RoPE base θ
+                 check_finite:bool|None=None # NaN/Inf scan of inputs, as in `HeadsBase`
                 ):
-        super().__init__(d_model, n_heads, rope_base)
+        super().__init__(d_model, n_heads, rope_base, check_finite)
         if not isinstance(window, int) or window <= 0: raise ValueError(f"`window` must be a positive int, got {window!r}")
         if not isinstance(n_sink, int) or not 0 <= n_sink < window:
             raise ValueError(f"`n_sink` must be an int with 0 <= n_sink < window ({window}), got {n_sink!r}")
@@ -93,7 +100,7 @@ class WindowAttention(HeadsBase):
         self.check_x(x)
         q, k, v = self.split(x); pos = torch.arange(x.shape[1], device=x.device)
         qs = self.rope(q, pos.clamp(max=self.window - 1)) if self.n_sink else None
-        return self.merge(window_attention(self.rope(q, pos), self.rope(k, pos), v, self.window, self.n_sink, q_sink=qs))
+        return self.merge(window_attention(*self.rope_qk(q, k, pos), v, self.window, self.n_sink, q_sink=qs))
 
 # %% ../nbs/07a_lm.ipynb #16e64842
 def _first(n:int, k:int, B:int, device) -> torch.Tensor:
@@ -111,14 +118,15 @@ def _window_init(self, batch_size:int) -> dict:
 def _window_step(self, x_t:torch.Tensor, # `[B, E]`, the token at position `state['t']`
                  state:dict) -> tuple[torch.Tensor, dict]:
     "Write this token into its sink or ring slot, then attend over the filled slots."
-    self.check_x(x_t, 'x_t', ndim=2)
+    self.check_x(x_t, 'x_t', 2, state['k'].device)
     t = state['t']; q, k, v = self.split(x_t[:, None]); B, dev = x_t.shape[0], x_t.device
-    qr, kr = self.rope(q, torch.tensor([t], device=dev)), self.rope(k, torch.tensor([t], device=dev))
+    qr, kr = self.rope_qk(q, k, torch.arange(t, t + 1, device=dev))       # positions made on the device: no host copy
     if t < self.n_sink: state['sk'][:, :, t], state['sv'][:, :, t] = kr[:, :, 0], v[:, :, 0]
     else:
         slot = (t - self.n_sink) % self.ring
         state['k'][:, :, slot], state['v'][:, :, slot] = kr[:, :, 0], v[:, :, 0]
-    qs = self.rope(q, torch.tensor([min(t, self.window - 1)], device=dev)) if self.n_sink else None
+    ts = min(t, self.window - 1)
+    qs = self.rope(q, torch.arange(ts, ts + 1, device=dev)) if self.n_sink else None
     y = ring_attention(qr, state['k'], state['v'], _first(self.ring, min(max(t - self.n_sink + 1, 0), self.ring), B, dev),
                        state['sk'], state['sv'], _first(self.n_sink, min(t + 1, self.n_sink), B, dev), q_sink=qs)
     return self.merge(y)[:, 0], {**state, 't': t + 1}
@@ -130,17 +138,10 @@ def shifted_linear_read(phq:torch.Tensor, phk:torch.Tensor, v:torch.Tensor, # `[
                         shift:int, # W: the read at t sees keys s ≤ t − shift
                         chunk:int=64 # chunk length C of the parallel scan
                        ) -> tuple[torch.Tensor, torch.Tensor]: # numerator `[B, H, T, D]`, denominator `[B, H, T]`
-    "`Σ_{s≤t−shift} (phq_t·phk_s) v_s` and `Σ_{s≤t−shift} phq_t·phk_s` by a chunked scan."
-    B, H, T, D = v.shape
-    va = torch.cat([v, v.new_ones(B, H, T, 1)], -1)
-    k2 = F.pad(phk, (0, 0, shift, 0))[:, :, :T]; v2 = F.pad(va, (0, 0, shift, 0))[:, :, :T]
-    nc = -(-T // chunk); pad = nc * chunk - T
-    qc, kc, vc = (F.pad(a, (0, 0, 0, pad)).view(B, H, nc, chunk, a.shape[-1]) for a in (phq, k2, v2))
-    S = kc.transpose(-1, -2) @ vc                                       # [B, H, nc, D, D+1] per chunk
-    S = F.pad(torch.cumsum(S, 2), (0, 0, 0, 0, 1, 0))[:, :, :nc]        # exclusive prefix: chunks before c
-    tri = torch.ones(chunk, chunk, dtype=torch.bool, device=v.device).tril()
-    out = qc @ S + ((qc @ kc.transpose(-1, -2)) * tri) @ vc             # [B, H, nc, C, D+1]
-    out = out.reshape(B, H, nc * chunk, D + 1)[:, :, :T]
+    "`Σ_{s≤t−shift} (phq_t·phk_s) v_s` and `Σ_{s≤t−shift} phq_t·phk_s`: `scan_read` (λ = η = 1) of the shifted stream."
+    B, H, T, D = v.shape; one = v.new_ones(H)
+    sh = lambda a: F.pad(a, (0, 0, shift, 0))[:, :, :T]                 # key s is written at step s + shift
+    out = scan_read(phq, sh(phk), sh(torch.cat([v, v.new_ones(B, H, T, 1)], -1)), one, one, chunk)
     return out[..., :D], out[..., D]
 
 # %% ../nbs/07a_lm.ipynb #8f79ae4c
@@ -150,10 +151,12 @@ class InfiniAttention(HeadsBase):
                  n_heads:int, # heads H
                  window:int, # W: window of exact attention; token t−W is written to memory at step t
                  chunk:int=64, # chunk length of the parallel memory scan
-                 rope_base:float=10000. # RoPE base θ (window attention only)
+                 rope_base:float=10000., # RoPE base θ (window attention only)
+                 check_finite:bool|None=None # NaN/Inf scan of inputs, as in `HeadsBase`
                 ):
-        super().__init__(d_model, n_heads, rope_base)
+        super().__init__(d_model, n_heads, rope_base, check_finite)
         if not isinstance(window, int) or window <= 0: raise ValueError(f"`window` must be a positive int, got {window!r}")
+        check_int('chunk', chunk, 1)
         self.window, self.ring, self.chunk = window, window, chunk
         self.beta = nn.Parameter(torch.zeros(n_heads))     # gate logit per head, γ = sigmoid(β) = 0.5 at init
 
@@ -166,7 +169,7 @@ class InfiniAttention(HeadsBase):
         "Parallel form: block-local window attention + shifted chunked linear memory."
         self.check_x(x)
         q, k, v = self.split(x); pos = torch.arange(x.shape[1], device=x.device)
-        local = window_attention(self.rope(q, pos), self.rope(k, pos), v, self.window)
+        local = window_attention(*self.rope_qk(q, k, pos), v, self.window)
         num, den = shifted_linear_read(F.elu(q) + 1, F.elu(k) + 1, v, self.window, self.chunk)
         return self.merge(self.mix(local, num / (den[..., None] + 1e-5)))
 
@@ -182,16 +185,17 @@ def _infini_init(self, batch_size:int) -> dict:
 def _infini_step(self, x_t:torch.Tensor, # `[B, E]`, the token at position `state['t']`
                  state:dict) -> tuple[torch.Tensor, dict]:
     "Evict token t−W into memory, write this token into the ring, read window and memory, mix."
-    self.check_x(x_t, 'x_t', ndim=2)
-    t = state['t']; q, k, v = self.split(x_t[:, None]); slot = t % self.window
+    self.check_x(x_t, 'x_t', 2, state['k'].device)
+    t = state['t']; q, k, v = self.split(x_t[:, None]); slot, dev = t % self.window, x_t.device
     M, z = state['M'], state['z']
     if t >= self.window:   # the slot holds token t - W, rotated at its position: rotate back to the raw key
-        kraw = self.rope(state['k'][:, :, slot, None], torch.tensor([-(t - self.window)], device=x_t.device))[:, :, 0]
+        back = self.window - t
+        kraw = self.rope(state['k'][:, :, slot, None], torch.arange(back, back + 1, device=dev))[:, :, 0]
         phk = F.elu(kraw) + 1
         M = M + phk[..., None] * state['v'][:, :, slot, None]; z = z + phk
-    pos = torch.tensor([t], device=x_t.device)
-    state['k'][:, :, slot], state['v'][:, :, slot] = self.rope(k, pos)[:, :, 0], v[:, :, 0]
-    local = ring_attention(self.rope(q, pos), state['k'], state['v'], _first(self.window, min(t + 1, self.window), q.shape[0], q.device))
+    qr, kr = self.rope_qk(q, k, torch.arange(t, t + 1, device=dev))
+    state['k'][:, :, slot], state['v'][:, :, slot] = kr[:, :, 0], v[:, :, 0]
+    local = ring_attention(qr, state['k'], state['v'], _first(self.window, min(t + 1, self.window), q.shape[0], dev))
     phq = F.elu(q) + 1
     mem = (phq @ M) / ((phq[:, :, 0] * z).sum(-1)[..., None, None] + 1e-5)
     return self.merge(self.mix(local, mem))[:, 0], {**state, 'M': M, 'z': z, 't': t + 1}

@@ -12,20 +12,35 @@ from .core import check_tensor, check_int
 from .fastweight import scan_states, _check, _rate
 
 # %% auto #0
-__all__ = ['rope', 'unit', 'window_attention', 'ring_attention', 'evicted_stream', 'evicted_read', 'evicted_read_delta',
-           'delta_write', 'TCState', 'TensorCacheAttention']
+__all__ = ['rope_angles', 'rotate', 'rope', 'unit', 'window_attention', 'ring_attention', 'evicted_stream', 'scan_read',
+           'evicted_read', 'evicted_read_delta', 'delta_write', 'TCState', 'scan_values', 'check_input',
+           'TensorCacheAttention']
 
 # %% ../nbs/07_tensor_cache.ipynb #acb942b0
+def rope_angles(pos:Tensor, # positions `[T]` (integers; a negative position rotates back)
+                dim:int, # head dim D (even)
+                base:float=10000., # RoPE base θ
+                dtype=torch.float32 # dtype of the returned cosines and sines
+               ) -> tuple[Tensor, Tensor]:
+    "`(cos, sin)` `[T, D/2]` of the angles t·θ^(−i/(D/2)): computed in float64, then cast to `dtype`."
+    half = dim // 2
+    ang = pos.to(torch.float64)[:, None] * base ** (-torch.arange(half, device=pos.device, dtype=torch.float64) / half)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+def rotate(x:Tensor, # `[..., T, D]`
+           cs:tuple[Tensor, Tensor] # `(cos, sin)` `[T, D/2]` from `rope_angles`
+          ) -> Tensor:
+    "Rotate `x` by precomputed RoPE angles (rotate-half convention)."
+    (cos, sin), half = cs, x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1*cos - x2*sin, x1*sin + x2*cos], -1)
+
 def rope(x:Tensor, # `[..., T, D]`, D even
          pos:Tensor, # positions `[T]` (integers; a negative position rotates back)
          base:float=10000. # RoPE base θ
         ) -> Tensor:
-    "Rotary position embedding (rotate-half convention) of `x` at positions `pos`; angles in float64, then cast to `x.dtype`."
-    half = x.shape[-1] // 2
-    ang = pos.to(torch.float64)[:, None] * base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1*cos - x2*sin, x1*sin + x2*cos], -1)
+    "Rotary position embedding of `x` at positions `pos`: `rotate` by `rope_angles` in `x`'s dtype."
+    return rotate(x, rope_angles(pos, x.shape[-1], base, x.dtype))
 
 def unit(k:Tensor, # keys `[..., D]`
          eps:float=1e-5 # added to the norm, as in the reference
@@ -97,6 +112,23 @@ def evicted_stream(k:Tensor, # keys `[B, H, T, D]` (post-RoPE)
     return F.pad(kw, (0, 0, R, 0))[:, :, :T], F.pad(v, (0, 0, R, 0))[:, :, :T]
 
 # %% ../nbs/07_tensor_cache.ipynb #279709af
+def scan_read(q:Tensor, # queries `[B, H, T, Dk]`
+              k:Tensor, # the written keys `[B, H, T, Dk]` (used as given)
+              v:Tensor, # the written values `[B, H, T, Dv]`
+              lam:Tensor, eta:Tensor, # decay λ and write rate η, `[H]` (λ = 1: no decay)
+              chunk:int=64 # chunk length C of the scan (the result does not depend on it)
+             ) -> Tensor:
+    "r_t = q_t A_t with A_t = λA_{t−1} + η k_t v_tᵀ (write, then read), `[B, H, T, Dv]`: chunked decayed linear attention."
+    B, H, T, Dk = q.shape; Dv = v.shape[-1]
+    _, S = scan_states(q.new_zeros(B, H, Dk, Dv), k, v, lam, eta, chunk)               # [B, H, N, Dk, Dv]
+    N, C = S.shape[2], min(chunk, T); pad = N*C - T
+    qc, kc, vc = [F.pad(x, (0, 0, 0, pad)).view(B, H, N, C, -1) for x in (q, k, v)]
+    i = torch.arange(C, device=q.device)
+    dec = lam[:, None, None] ** (i[:, None] - i[None]).clamp(min=0).to(lam.dtype) * (i[:, None] >= i[None])  # [H, C, C]
+    intra = eta[:, None, None, None] * (((qc @ kc.transpose(-1, -2)) * dec[:, None]) @ vc)
+    inter = (lam[:, None] ** (i + 1).to(lam.dtype))[:, None, :, None] * (qc @ S)
+    return (intra + inter).reshape(B, H, N*C, Dv)[:, :, :T]
+
 def evicted_read(q:Tensor, # queries `[B, H, T, D]`
                  k:Tensor, # keys `[B, H, T, D]` (post-RoPE, not normalised)
                  v:Tensor, # values `[B, H, T, Dv]`
@@ -105,16 +137,8 @@ def evicted_read(q:Tensor, # queries `[B, H, T, D]`
                  valid:Tensor|None=None, # `[B, T]` bool, False = padding
                  chunk:int=64 # chunk length C of the scan (the result does not depend on it)
                 ) -> Tensor:
-    "Parallel L2 read r_t = q_t A_t of the outer rule: chunked decayed linear attention on the evicted stream."
-    B, H, T, D = q.shape; ks, vs = evicted_stream(k, v, window, n_sink, valid); Dv = v.shape[-1]
-    _, S = scan_states(q.new_zeros(B, H, D, Dv), ks, vs, lam, eta, chunk)               # [B, H, N, D, Dv]
-    N, C = S.shape[2], min(chunk, T); pad = N*C - T
-    qc, kc, vc = [F.pad(x, (0, 0, 0, pad)).view(B, H, N, C, -1) for x in (q, ks, vs)]
-    i = torch.arange(C, device=q.device)
-    dec = lam[:, None, None] ** (i[:, None] - i[None]).clamp(min=0).to(lam.dtype) * (i[:, None] >= i[None])  # [H, C, C]
-    intra = eta[:, None, None, None] * (((qc @ kc.transpose(-1, -2)) * dec[:, None]) @ vc)
-    inter = (lam[:, None] ** (i + 1).to(lam.dtype))[:, None, :, None] * (qc @ S)
-    return (intra + inter).reshape(B, H, N*C, Dv)[:, :, :T]
+    "Parallel L2 read r_t = q_t A_t of the outer rule: `scan_read` over the evicted stream."
+    return scan_read(q, *evicted_stream(k, v, window, n_sink, valid), lam, eta, chunk)
 
 # %% ../nbs/07_tensor_cache.ipynb #6c69b47c
 def evicted_read_delta(q:Tensor, k:Tensor, v:Tensor, # `[B, H, T, D]`, `[B, H, T, D]`, `[B, H, T, Dv]`
@@ -152,6 +176,25 @@ class TCState:
         return sum(x.numel() * x.element_size() for x in self.tensors())
     def __repr__(self): return f"TCState(t={self.t}, ring={self.ring_k.shape[2]}, sinks={self.sink_k.shape[2]}, nbytes={self.nbytes()})"
 
+# %% ../nbs/07_tensor_cache.ipynb #b9b1c58f
+def scan_values(x:Tensor, # the input about to be validated
+                check_finite:bool|None=None # True: always scan; False: never; None: scan only on the CPU
+               ) -> bool:
+    "Whether validation reads `x`'s values for NaN/Inf: reading a value of an accelerator tensor is a device→host sync."
+    return x.device.type == 'cpu' if check_finite is None else bool(check_finite)
+
+def check_input(x, name:str, # the input and its argument name
+                check_finite:bool|None=None, # as in `scan_values`
+                device=None, # the device `x` must be on (the decoding state's), or None
+                **kw # `ndim`, `last`, `shape` for `check_tensor`
+               ) -> Tensor:
+    "Host-side checks every call (type, rank, last dim, floating dtype, device); the NaN/Inf scan where `scan_values` says."
+    if not isinstance(x, Tensor) or scan_values(x, check_finite): _check(x, name, **kw)
+    else: check_tensor(x, name, finite=False, **kw)
+    if device is not None and x.device != torch.device(device):
+        raise ValueError(f"`{name}` is on {x.device}, the decoding state on {torch.device(device)}")
+    return x
+
 # %% ../nbs/07_tensor_cache.ipynb #5bfb0ce4
 class TensorCacheAttention(nn.Module):
     "Sliding-window softmax attention (L1) + an outer-product memory fed by evicted tokens (L2), fused through a gate."
@@ -166,7 +209,8 @@ class TensorCacheAttention(nn.Module):
                  lam=0.995, # initial decay λ in (0, 1): float or H values
                  eta=0.05, # initial write rate η in (0, 1): float or H values
                  gate_init:float=-2.0, # initial gate logit g
-                 bias:bool=True # bias on the q/k/v and output projections (W_tc never has one)
+                 bias:bool=True, # bias on the q/k/v and output projections (W_tc never has one)
+                 check_finite:bool|None=None # scan inputs for NaN/Inf: None = on the CPU only (no GPU sync), True/False = always/never
                 ):
         super().__init__()
         check_int('d_model', d_model, 1); check_int('n_heads', n_heads, 1); check_int('window', window, 1); check_int('chunk', chunk, 1)
@@ -175,7 +219,7 @@ class TensorCacheAttention(nn.Module):
         if rule not in ('outer', 'delta'): raise ValueError(f"`rule` must be 'outer' or 'delta', got {rule!r}")
         D = d_model // n_heads
         if rope and D % 2: raise ValueError(f"RoPE needs an even head dim, got {D}")
-        store_attr('d_model,n_heads,window,n_sink,chunk,rule,rope,rope_base'); self.head_dim, self.ring = D, window - n_sink
+        store_attr('d_model,n_heads,window,n_sink,chunk,rule,rope,rope_base,check_finite'); self.head_dim, self.ring = D, window - n_sink
         self.q_proj, self.k_proj, self.v_proj = [nn.Linear(d_model, d_model, bias=bias) for _ in range(3)]
         self.c_proj, self.W_tc = nn.Linear(d_model, d_model, bias=bias), nn.Linear(d_model, d_model, bias=False)
         init = lambda x, n: torch.logit(_rate(torch.as_tensor(x, dtype=torch.float64), n, n_heads, torch.zeros(1, dtype=torch.float64)))
@@ -195,7 +239,7 @@ def _qkv(self:TensorCacheAttention, x:Tensor, pos:Tensor) -> tuple[Tensor, Tenso
     B, T, E = x.shape; x2 = x.reshape(B*T, E)                 # 2-D linears (a [B, 1, E] linear is slow on some CPU builds)
     sh = lambda y: y.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
     q, k, v = sh(self.q_proj(x2)), sh(self.k_proj(x2)), sh(self.v_proj(x2))
-    if self.rope: q, k = rope(q, pos, self.rope_base), rope(k, pos, self.rope_base)
+    if self.rope: cs = rope_angles(pos, self.head_dim, self.rope_base, q.dtype); q, k = rotate(q, cs), rotate(k, cs)
     return q, k, v
 
 @patch
@@ -220,7 +264,7 @@ def forward(self:TensorCacheAttention,
              pad_mask:Tensor|None=None # `[B, T]`, 1 = real token, 0 = padding (never attended, written to L2 with weight 0)
             ) -> Tensor:
     "Parallel (training) form: block-local L1 + chunked eviction-conditioned L2, `[B, T, E]` → `[B, T, E]`."
-    _check(x, 'x', ndim=3, last=self.d_model, shape='[B, T, E]')
+    check_input(x, 'x', self.check_finite, ndim=3, last=self.d_model, shape='[B, T, E]')
     B, T, _ = x.shape; valid = self._valid(pad_mask, (B, T), x.device)
     q, k, v = self._qkv(x, torch.arange(T, device=x.device))
     o = window_attention(q, k, v, self.window, self.n_sink, valid)
@@ -258,7 +302,7 @@ def step(self:TensorCacheAttention,
           pad_mask:Tensor|None=None # `[B]`, 1 = real token, 0 = padding
          ) -> tuple[Tensor, TCState]:
     "Streaming (decoding) form: `(y_t [B, E], state at t + 1)`; computes what `forward` computes at position `state.t`."
-    _check(x_t, 'x_t', ndim=2, last=self.d_model, shape='[B, E]')
+    check_input(x_t, 'x_t', self.check_finite, state.A.device, ndim=2, last=self.d_model, shape='[B, E]')   # host-side: no sync
     B, t, ns, R = x_t.shape[0], state.t, self.n_sink, self.ring
     if state.A.shape[0] != B: raise ValueError(f"`state` holds batch {state.A.shape[0]}, `x_t` has {B} rows")
     ok = self._valid(pad_mask, (B,), x_t.device)
@@ -281,7 +325,7 @@ def stream(self:TensorCacheAttention,
             state:TCState|None=None # continue from this state (default: a fresh one); updated in place unless autograd records
            ) -> tuple[Tensor, TCState]:
     "Run `step` over every position: `(y [B, T, E], final state)` — the streaming reference for `forward`."
-    _check(x, 'x', ndim=3, last=self.d_model, shape='[B, T, E]')
+    check_input(x, 'x', self.check_finite, ndim=3, last=self.d_model, shape='[B, T, E]')
     valid = self._valid(pad_mask, x.shape[:2], x.device)
     state = self.init_state(x.shape[0], x.device, x.dtype) if state is None else state
     ys = []

@@ -5,6 +5,7 @@ from hypothesis import given, settings, strategies as st
 from tensormem.lm import (TinyLM, FullAttention, WindowAttention, InfiniAttention, make_attention,
                           shifted_linear_read, generate, state_nbytes, MODES)
 from tensormem.tensor_cache import rope, window_attention
+from test_tensor_cache import NoHostTraffic
 
 HAS_TC = importlib.util.find_spec('tensormem.tensor_cache') is not None
 OWN = ('full', 'window', 'sinks', 'infini')
@@ -154,7 +155,51 @@ def test_bad_input():
     with pytest.raises(ValueError, match='`window` must be a positive int'): WindowAttention(32, 4, 0)
     with pytest.raises(ValueError, match='`n_sink` must be'): WindowAttention(32, 4, 4, 4)
     with pytest.raises(ValueError, match='`window` must be a positive int'): InfiniAttention(32, 4, -1)
+    with pytest.raises(ValueError, match='`chunk` must be an int'): InfiniAttention(32, 4, 8, chunk=0)
     with pytest.raises(ValueError, match='`x` must have last dim 32'): FullAttention(32, 4)(torch.randn(1, 3, 16))
     with pytest.raises(TypeError, match='`idx` must hold integer token ids'): TinyLM(10)(torch.randn(1, 3))
     with pytest.raises(ValueError, match='`idx` must have 2 dims'): TinyLM(10)(torch.zeros(3, dtype=torch.long))
     assert set(MODES) == {'full', 'window', 'sinks', 'infini', 'tensor_cache'}
+
+
+@pytest.mark.parametrize('mode', ALL)
+def test_decode_step_reads_no_device_value(mode):
+    "Every mode's step, on a device whose tensors have no data (meta): past the window, no value read, no host→device copy."
+    m = TinyLM(40, 32, 2, 4, mode, window=4, n_sink=1).to('meta').eval()
+    with torch.no_grad(), NoHostTraffic():
+        st_ = m.init_state(2)
+        for t in range(11): lo, st_ = m.step(torch.zeros(2, dtype=torch.long, device='meta'), st_)
+    assert lo.shape == (2, 40) and lo.device.type == 'meta'
+    for b in m.blocks: b.attn.check_finite = True                          # asked for: the scan reads values
+    with torch.no_grad(), NoHostTraffic(), pytest.raises(AssertionError, match='device→host read'):
+        m.step(torch.zeros(2, dtype=torch.long, device='meta'), m.init_state(2))
+
+
+@pytest.mark.parametrize('mode', OWN)
+def test_unscanned_nan_shows_in_its_own_sequence(mode):
+    "CPU scans by default; with the scan off a NaN input is not masked: its row's output is NaN, the other row's finite."
+    torch.manual_seed(0)
+    att = make_attention(mode, 32, 4, 4, 1).eval(); x = torch.randn(2, 6, 32); x[0, 2, 7] = float('nan')
+    with pytest.raises(ValueError, match='`x_t` contains NaN or Inf'): att.step(x[:, 2], att.init_state(2))
+    with pytest.raises(ValueError, match='`x` contains NaN or Inf'): att(x)
+    att.check_finite = False
+    y = stream(att, x)
+    assert y[0, 2].isnan().all() and y[1].isfinite().all() and y[0, :2].isfinite().all()
+    with torch.no_grad(): assert att(x)[0, 2].isnan().all()
+    with pytest.raises(ValueError, match='`x_t` is on meta, the decoding state on cpu'):
+        att.step(torch.empty(2, 32, device='meta'), att.init_state(2))
+
+
+def test_infini_read_is_scan_read_and_matches_naive_loop():
+    "The Infini memory read (via tensor_cache.scan_read, λ = η = 1) against the streaming loop it unrolls, float64."
+    g = torch.Generator().manual_seed(7)
+    for T, W, C in ((1, 3, 4), (40, 6, 7), (70, 16, 64), (33, 1, 5)):
+        phq, phk = (torch.rand(2, 3, T, 4, generator=g, dtype=torch.float64) for _ in range(2))
+        v = torch.randn(2, 3, T, 4, generator=g, dtype=torch.float64)
+        M, z, num, den = torch.zeros(2, 3, 4, 4, dtype=torch.float64), torch.zeros(2, 3, 4, dtype=torch.float64), [], []
+        for t in range(T):   # streaming: write token t − W, then read
+            if t >= W: M = M + phk[:, :, t - W, :, None] * v[:, :, t - W, None]; z = z + phk[:, :, t - W]
+            num.append((phq[:, :, t, None] @ M)[:, :, 0]); den.append((phq[:, :, t] * z).sum(-1))
+        n, d = shifted_linear_read(phq, phk, v, W, C)
+        torch.testing.assert_close(n, torch.stack(num, 2), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(d, torch.stack(den, 2), rtol=1e-12, atol=1e-12)

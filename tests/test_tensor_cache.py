@@ -2,8 +2,11 @@
 import math
 import pytest, torch
 from hypothesis import given, settings, strategies as st
+from torch.overrides import TorchFunctionMode
 from tensormem.tensor_cache import (TensorCacheAttention, TCState, window_attention, ring_attention, evicted_read,
-                                    evicted_read_delta, evicted_stream, rope, unit)
+                                    evicted_read_delta, evicted_stream, rope, unit, rope_angles, rotate, scan_read,
+                                    scan_values, check_input)
+import tensormem.tensor_cache as tc_mod
 
 
 
@@ -317,3 +320,104 @@ def test_parallel_equals_streaming_cuda():
     x = torch.randn(3, 70, 64, device='cuda')
     pm = torch.ones(3, 70, dtype=torch.bool, device='cuda'); pm[1, :9] = False; pm[2, 60:] = False
     with torch.no_grad(): assert _rel(mod(x, pm), mod.stream(x, pm)[0]) <= 1e-5
+
+
+class NoHostTraffic(TorchFunctionMode):
+    "Fail on host↔device traffic of non-CPU tensors: a value read (`item`, `bool`, ...) or a tensor built or copied from host data."
+    READS = {'item', '__bool__', 'tolist', 'cpu', 'numpy', '__float__', '__int__', '__index__'}
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs, name = kwargs or {}, getattr(func, '__name__', '')
+        dev = lambda a: isinstance(a, torch.Tensor) and a.device.type != 'cpu'
+        host = lambda a: isinstance(a, torch.Tensor) and a.device.type == 'cpu'
+        if name in ('tensor', 'as_tensor') and torch.device(kwargs.get('device') or 'cpu').type != 'cpu':
+            raise AssertionError(f"host→device copy: torch.{name}(..., device={kwargs['device']})")
+        if name in self.READS and args and dev(args[0]): raise AssertionError(f"device→host read: Tensor.{name}")
+        if name == 'to' and args and host(args[0]) and any(
+                isinstance(a, (str, torch.device)) and torch.device(a).type != 'cpu' for a in (*args[1:], kwargs.get('device'))):
+            raise AssertionError("host→device copy: Tensor.to")
+        if name in ('copy_', '__setitem__') and args and dev(args[0]) and host(args[-1]):
+            raise AssertionError(f"host→device copy: Tensor.{name}")
+        return func(*args, **kwargs)
+
+
+def test_no_host_traffic_guard_catches_syncs_and_copies():
+    "The guard itself: each kind of host↔device traffic it is meant to catch raises inside it, device-made tensors do not."
+    m = torch.zeros(3, device='meta')
+    with NoHostTraffic():
+        for bad in (lambda: torch.tensor([3], device='meta'), lambda: bool(m.sum()), lambda: m.sum().item(),
+                    lambda: torch.ones(2).to('meta'), lambda: m.copy_(torch.ones(3)), lambda: m.__setitem__(0, torch.ones(()))):
+            with pytest.raises(AssertionError): bad()
+        torch.arange(3, 4, device='meta'); m[0] = True; torch.tensor([3]); bool(torch.ones(()))   # fine: no traffic
+
+
+def test_scan_values_decision():
+    "The NaN/Inf scan reads values: by default on the CPU only (no sync there); `check_finite` forces it on or off."
+    cpu, meta = torch.zeros(2), torch.zeros(2, device='meta')
+    assert scan_values(cpu) and not scan_values(meta)
+    assert scan_values(meta, True) and not scan_values(cpu, False)
+    mod = TensorCacheAttention(32, 4, 8)
+    assert mod.check_finite is None and TensorCacheAttention(32, 4, 8, check_finite=True).check_finite is True
+
+
+@pytest.mark.parametrize('rule', ['outer', 'delta'])
+def test_decode_step_reads_no_device_value(rule):
+    "On a device whose tensors have no data (meta), steps through sinks, ring wrap and evictions read no value and copy none in."
+    mod = TensorCacheAttention(32, 4, 5, n_sink=2, rope=True, rule=rule).to('meta')
+    with torch.no_grad(), NoHostTraffic():
+        st = mod.init_state(3)
+        for t in range(12): y, st = mod.step(torch.empty(3, 32, device='meta'), st, torch.ones(3, dtype=torch.bool, device='meta'))
+        y2, _ = mod.stream(torch.empty(3, 4, 32, device='meta'))
+    assert y.shape == (3, 32) and y.device.type == 'meta' and st.t == 12 and y2.shape == (3, 4, 32)
+    mod.check_finite = True                                               # asked for: the scan reads values
+    with torch.no_grad(), NoHostTraffic(), pytest.raises(AssertionError, match='device→host read'):
+        mod.step(torch.empty(3, 32, device='meta'), st)
+
+
+def test_unscanned_nan_propagates_to_its_own_sequence():
+    "With the scan off a NaN is neither dropped nor masked: its sequence's outputs turn NaN from that step on, the others stay finite."
+    torch.manual_seed(0)
+    mod = TensorCacheAttention(16, 2, 4, n_sink=1, rope=True, gate_init=1.0)
+    x = torch.randn(3, 12, 16); x[1, 4, 3] = float('nan'); x[2, 6, 0] = float('inf')
+    pm = torch.ones(3, 12, dtype=torch.bool)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match='`x_t` contains NaN or Inf'): mod.step(x[:, 4], mod.init_state(3))
+        with pytest.raises(ValueError, match='`x` contains NaN or Inf'): mod(x)
+        mod.check_finite = False
+        y, _ = mod.stream(x, pm)
+    assert y[0].isfinite().all() and y[1, :4].isfinite().all() and y[2, :6].isfinite().all()
+    assert y[1, 4:].isnan().all() and not y[2, 6:].isfinite().any()
+
+
+def test_step_checks_device_against_the_state():
+    mod = TensorCacheAttention(32, 4, 8)
+    with pytest.raises(ValueError, match='`x_t` is on meta, the decoding state on cpu'):
+        mod.step(torch.empty(2, 32, device='meta'), mod.init_state(2))
+    with pytest.raises(TypeError, match='`x` must be a torch.Tensor'): check_input([1.0], 'x')
+
+
+def test_rope_angles_once_per_step(monkeypatch):
+    "q and k of a step share positions: the angles are computed once, and rotating by them equals `rope` bit for bit."
+    x, pos = torch.randn(2, 3, 5, 8), torch.arange(5) + 1000
+    assert torch.equal(rotate(x, rope_angles(pos, 8, dtype=x.dtype)), rope(x, pos))
+    calls = []
+    real = tc_mod.rope_angles
+    monkeypatch.setattr(tc_mod, 'rope_angles', lambda *a, **k: calls.append(1) or real(*a, **k))
+    mod = TensorCacheAttention(32, 4, 6, rope=True)
+    with torch.no_grad():
+        st = mod.init_state(2)
+        for _ in range(5): _, st = mod.step(torch.randn(2, 32), st)
+    assert len(calls) == 5
+
+
+@settings(max_examples=15, deadline=None)
+@given(T=st.integers(1, 40), C=st.integers(1, 16), seed=st.integers(0, 2**16))
+def test_scan_read_matches_per_token_loop(T, C, seed):
+    "scan_read == the per-token memory A ← λA + η k vᵀ, r = qA, including λ = η = 1 (the Infini memory's plain sum)."
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 3, T, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, T, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, T, 5, generator=g, dtype=torch.float64)
+    lam, eta = torch.tensor([1., 0.9, 0.5], dtype=torch.float64), torch.tensor([1., 0.3, 0.7], dtype=torch.float64)
+    A, ref = torch.zeros(2, 3, 4, 5, dtype=torch.float64), []
+    for t in range(T):
+        A = lam[:, None, None] * A + eta[:, None, None] * k[:, :, t, :, None] * v[:, :, t, None, :]; ref.append((q[:, :, t, None] @ A)[:, :, 0])
+    torch.testing.assert_close(scan_read(q, k, v, lam, eta, C), torch.stack(ref, 2), rtol=1e-12, atol=1e-12)
