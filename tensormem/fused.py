@@ -67,7 +67,7 @@ def _grow(self:HQMQStore, need:int):
     if self.has_outliers:
         self.flags = grown(g('flags'), (BH, cap, self.nf), torch.uint8)
         self.offsets = grown(g('offsets'), (BH, cap // self.block), torch.int32)
-        if self.ocap == 0: self.outl, self.ocap = torch.zeros(BH, 64, 4, dtype=torch.float16, device=dev), 64
+        if self.ocap == 0: self.outl, self.ocap = torch.zeros(BH * 64 + 1, 4, dtype=torch.float16, device=dev), 64   # + a trash row
     else: self.flags = self.offsets = self.outl = None
     self.cap = cap
 
@@ -81,14 +81,16 @@ def _grow_outliers(self:HQMQStore, per_row:Tensor, # `[B·H]` outliers about to 
     self._ub, self.n_syncs = need, self.n_syncs + 1
     if 2 * need > self.ocap:
         ocap = 2 * need + 64 * self.nc
-        new = torch.zeros(self.B * self.H, ocap, 4, dtype=torch.float16, device=self.device)
-        new[:, :self.ocap] = self.outl; self.outl, self.ocap = new, ocap
+        BH = self.B * self.H
+        new = torch.zeros(BH * ocap + 1, 4, dtype=torch.float16, device=self.device)
+        new[:BH * ocap].view(BH, ocap, 4)[:, :self.ocap] = self.outl[:BH * self.ocap].view(BH, self.ocap, 4)
+        self.outl, self.ocap = new, ocap
 
 # %% ../nbs/09b_fused_decode.ipynb #f3508f97
 @patch
 def append(self:HQMQStore, p:HQMQPacked # one packed write `[B, H, n, d]` of this layer and role
           ) -> HQMQStore:
-    "Append a packed write after the tokens already stored; O(n) work, no pass over the stored history."
+    "Append a packed write after the tokens already stored; O(n) work, no pass over the stored history, no host sync."
     hq = self.hq
     if not isinstance(p, HQMQPacked) or (p.S, p.radius_bits, p.layer, p.role) != (hq.S, hq.radius_bits, self.layer, self.role):
         raise ValueError(f"`p` must be an HQMQPacked of layer {self.layer}, role {self.role!r} made by {hq.name}")
@@ -112,18 +114,22 @@ def append(self:HQMQStore, p:HQMQPacked # one packed write `[B, H, n, d]` of thi
         m = unpack_bits(p.flags, 1, self.nc).bool().reshape(BH, n, self.nc)
         cnt = m.sum(-1)                                                 # [BH, n] outliers per token
         before = torch.cumsum(cnt, 1) - cnt                             # within this write, per row
-        self._grow_outliers(cnt.sum(1), n * self.nc)
+        per_row = cnt.sum(1)
+        self._grow_outliers(per_row, n * self.nc)
         self.flags[:, T:T + n] = p.flags.reshape(BH, n, self.nf)
         s0 = -(-T // self.block) * self.block                           # tiles starting in this write
         if s0 < T + n:
             starts = torch.arange(s0, T + n, self.block, device=self.device)
             self.offsets[:, starts // self.block] = (self.n_out[:, None] + before[:, starts - T]).to(torch.int32)
-        if len(p.outliers):                                             # p's outliers are row-major: rows stay contiguous
-            per_row = cnt.sum(1)                                        # (its length is on the host: no device sync here)
-            row = torch.repeat_interleave(torch.arange(BH, device=self.device), per_row, output_size=len(p.outliers))
-            first = torch.cumsum(per_row, 0) - per_row                  # index of each row's first outlier in p.outliers
-            self.outl[row, self.n_out[row] + torch.arange(len(row), device=self.device) - first[row]] = p.outliers
-        self.n_out += cnt.sum(1)
+        if p.outliers.ndim == 2:                                        # compact (row-major) → one value slot per chunk
+            dense = torch.zeros(BH, n, self.nc, 4, dtype=torch.float16, device=self.device)
+            dense.masked_scatter_(m[..., None].expand_as(dense), p.outliers)
+        else: dense = p.outliers.reshape(BH, n, self.nc, 4)            # `hqmq_encode(dense_outliers=True)`
+        mf = m.flatten(1).long(); rank = (torch.cumsum(mf, 1) - mf).view(BH, n, self.nc)   # order within the row
+        base = torch.arange(BH, device=self.device)[:, None, None] * self.ocap + self.n_out[:, None, None]
+        dest = torch.where(m, base + rank, BH * self.ocap)             # chunks that are not outliers go to the trash row
+        self.outl.index_copy_(0, dest.flatten(), dense.reshape(-1, 4))
+        self.n_out += per_row
     self.T = T + n
     return self
 
@@ -132,7 +138,7 @@ def append(self:HQMQStore, p:HQMQPacked # one packed write `[B, H, n, d]` of thi
 def source(self:HQMQStore) -> DecodeSource:
     "The kernel's view of the store: buffers as they are, strides = capacities (no copy)."
     o = self.has_outliers
-    return DecodeSource(self.plain, self.digits, self.sigma, self.flags, self.outl.view(-1, 4) if o else None, self.offsets,
+    return DecodeSource(self.plain, self.digits, self.sigma, self.flags, self.outl if o else None, self.offsets,
                         self.cap, self.cap // self.ndig if self.ndig else 0, self.cap // self.block, self.ocap if o else 0,
                         self.block, self.layer, self.role)
 
@@ -146,7 +152,8 @@ def packed(self:HQMQStore) -> HQMQPacked:
     flags = outl = None
     if self.has_outliers:
         flags = r(self.flags[:, :T], T, self.nf)
-        outl = self.outl[torch.arange(self.ocap, device=self.device)[None, :] < self.n_out[:, None]]   # rows in order: row-major
+        rows = self.outl[:BH * self.ocap].view(BH, self.ocap, 4)
+        outl = rows[torch.arange(self.ocap, device=self.device)[None, :] < self.n_out[:, None]]   # rows in order: row-major
     return HQMQPacked((B, H, T, self.hq.head_dim), self.dtype, r(self.plain[:, :T], T, self.nb), dig, r(self.sigma[:, :T], T),
                       flags, outl, self.layer, self.role, self.hq.S, self.hq.radius_bits)
 
@@ -200,7 +207,7 @@ class FusedHQMQLayer(QuantizedKVLayer):
 # %% ../nbs/09b_fused_decode.ipynb #cfec546b
 @patch
 def _write(self:FusedHQMQLayer, x:Tensor, role:str):
-    "Keep the first `sink_tokens` positions as given; encode the rest (Triton on CUDA) and append it to the role's store."
+    "Keep the first `sink_tokens` positions as given; encode the rest (Triton on CUDA, or with backend 'triton') and append it."
     n_plain = max(0, min(x.shape[-2], self.sink_tokens - self.cumulative_length))
     if n_plain:
         plain = x[..., :n_plain, :]; old = self.keys if role == 'k' else self.values
@@ -210,7 +217,9 @@ def _write(self:FusedHQMQLayer, x:Tensor, role:str):
     if n_plain < x.shape[-2]:
         if self.stores is None:
             self.stores = {r: HQMQStore(self.quantizer, self.layer_idx, r, x.shape[0], x.shape[1], x.device, self.block) for r in 'kv'}
-        self.stores[role].append(hqmq_encode(self.quantizer, x[..., n_plain:, :].contiguous(), self.layer_idx, role))
+        enc = 'triton' if self.backend == 'triton' else 'auto'        # CUDA: no value scan, dense outliers → no host sync
+        self.stores[role].append(hqmq_encode(self.quantizer, x[..., n_plain:, :].contiguous(), self.layer_idx, role, backend=enc,
+                                             check_values=not x.is_cuda, dense_outliers=True))
 
 @patch
 def _history(self:FusedHQMQLayer, role:str, dtype) -> Tensor:

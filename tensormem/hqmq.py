@@ -158,10 +158,11 @@ def unpack_digits(words:torch.Tensor, # `[B, H, Tw, nc]` int32 from `pack_digits
 # %% ../nbs/02_hqmq.ipynb #53f4f52d
 def check_kv(x:torch.Tensor, # K or V states `[B, H_kv, T, d_h]`
              layer:int, role:str, # layer index and 'k'/'v'
-             n_layers:int|None=None, n_kv_heads:int|None=None, head_dim:int|None=None # expected sizes, if known
+             n_layers:int|None=None, n_kv_heads:int|None=None, head_dim:int|None=None, # expected sizes, if known
+             finite:bool=True # also scan the values for NaN/Inf (a device sync on a GPU)
             ) -> torch.Tensor:
     "Raise a clear error naming the argument unless x/layer/role are a valid quantizer input."
-    check_tensor(x, 'x', ndim=4, shape='[B, H_kv, T, d_h]')
+    check_tensor(x, 'x', ndim=4, shape='[B, H_kv, T, d_h]', finite=finite)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32): raise TypeError(f"`x` must be float16, bfloat16 or float32, got {x.dtype}")
     if n_kv_heads is not None and x.shape[1] != n_kv_heads: raise ValueError(f"`x` must have {n_kv_heads} KV heads in dim 1 ([B, H_kv, T, d_h]), got shape {tuple(x.shape)}")
     if head_dim is not None and x.shape[3] != head_dim: raise ValueError(f"`x` must have head_dim {head_dim} in dim 3 ([B, H_kv, T, d_h]), got shape {tuple(x.shape)}")

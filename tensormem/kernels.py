@@ -366,16 +366,18 @@ def hqmq_encode(hq:HQMQ, # the quantizer (its codebooks, layout and Med3× setti
                 layer:int, role:str, # layer index and 'k'/'v'
                 words_per_block:int|None=None, # digit words per program (default: 32 tokens' worth)
                 backend:str='auto', # 'auto' (Triton on CUDA, else `hq.quantize`), 'triton' or 'torch'
-                poison:bool=False # fill the outputs before the launch (tests)
+                poison:bool=False, # fill the outputs before the launch (tests)
+                check_values:bool=True, # Triton path: raise on NaN/Inf or σ overflow (two device syncs); False: poison instead
+                dense_outliers:bool=False # Triton path: `outliers` = every chunk `[B, H, T, nc, 4]` fp16 (flags mark the outliers)
                ) -> HQMQPacked:
     "`HQMQ.quantize` with the per-chunk work in one Triton kernel that writes the packed layout; same bytes (ties aside)."
     if _backend(backend, x) == 'torch': return hq.quantize(x, layer, role)
-    check_kv(x, layer, role, hq.n_layers, hq.n_kv_heads, hq.head_dim)
+    check_kv(x, layer, role, hq.n_layers, hq.n_kv_heads, hq.head_dim, finite=check_values)
     B, H, T, d = x.shape; nc, L = hq.nc, hq.layout; dev = x.device
     flags = vals = out = None
     if hq.outliers and T:
         xc = F.pad(x.float(), (0, 4 * nc - d)).unflatten(-1, (nc, 4)); out = outlier_mask(chunk_norms(xc), hq.outliers, hq.C)
-        flags, vals = pack_bits(out, 1), xc[out].half()
+        flags, vals = pack_bits(out, 1), (xc.half() if dense_outliers else xc[out].half())   # xc[out]: a sync (its size)
     has_dig = L.q > 1; ndig = L.n if has_dig else 1; TI = _p2(ndig); Tw = -(-T // ndig)
     WPB = _p2(words_per_block or max(1, 32 // TI)); NB = -(-nc * hq.width // 8)
     plain, sigma = _alloc((B, H, T, NB), torch.uint8, dev, poison), _alloc((B, H, T), torch.float16, dev, poison)
@@ -387,7 +389,9 @@ def hqmq_encode(hq:HQMQ, # the quantizer (its codebooks, layout and Med3× setti
             out.to(torch.uint8).contiguous() if out is not None else plain, pw, plain, digits if has_dig else plain, sigma,
             T, H, Tw, xx.stride(0), xx.stride(1), xx.stride(2), hq.S, d, nc, _p2(nc, 4), NB, _p2(NB), L.m, hq.width,
             2 ** hq.radius_bits - 1, ndig, TI, WPB, has_dig, out is not None, hq.sigma_outliers, enable_fp_fusion=False)
-    if not bool(torch.isfinite(sigma).all()): raise ValueError("`x` has chunk norms beyond the fp16 range (65504): σ cannot be stored in fp16")
+    if check_values:
+        if not bool(torch.isfinite(sigma).all()): raise ValueError("`x` has chunk norms beyond the fp16 range (65504): σ cannot be stored in fp16")
+    else: sigma.masked_fill_(~(torch.isfinite(x).all(-1) & torch.isfinite(sigma)), float('nan'))   # NaN σ: the token decodes to NaN
     return HQMQPacked(tuple(x.shape), x.dtype, plain, digits, sigma, flags, vals, layer, role, hq.S, hq.radius_bits)
 
 # %% ../nbs/09_kernels.ipynb #87125d5c

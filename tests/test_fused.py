@@ -125,3 +125,30 @@ def test_backend_choice_and_errors():
     plain = tiny_llama(hidden=32, layers=1, heads=2, kv_heads=1)   # handle reaching SDPA: a clear error, not garbage
     with pytest.raises(TypeError, match='enable_fused_hqmq'): _gen(plain, FusedHQMQCache(plain.config, hq, backend='triton'), ids, None, 3)
     with pytest.raises(TypeError, match='enable_fused_hqmq'): FusedKV(None).shape
+
+
+def test_dense_outliers_append_equals_compact():
+    from tensormem.kernels import hqmq_encode
+    for mode in ('med_token', 'med', 'med_row'):
+        hq = HQMQ(12, 3, 1, 2, 20, outliers=mode)
+        x = synthetic_kv(2, 2, 37, 20, seed=4)
+        a, b = HQMQStore(hq, 0, 'k', 2, 2, block=16, capacity=8), HQMQStore(hq, 0, 'k', 2, 2, block=16, capacity=8)
+        for s, e in ((0, 20), (20, 21), (21, 37)):
+            pd = hqmq_encode(hq, x[:, :, s:e], 0, 'k', backend='triton', dense_outliers=True)
+            assert pd.outliers.shape == (2, 2, e - s, hq.nc, 4)
+            a.append(pd); b.append(hq.quantize(x[:, :, s:e], 0, 'k'))
+        assert codes_equal(a.packed(), b.packed())
+
+
+@pytest.mark.filterwarnings('ignore::RuntimeWarning')   # the interpreter's fp16 cast of the overflowing value
+def test_unchecked_encode_poisons_non_finite_tokens():
+    from tensormem.kernels import hqmq_encode
+    hq = HQMQ(6, 3, 1, 2, 8, outliers='med_token')
+    x = synthetic_kv(1, 2, 5, 8, seed=1)
+    x[0, 1, 3, 2] = float('nan'); x[0, 0, 1, 0] = 1e6          # a NaN, and a norm beyond fp16 (σ would overflow)
+    with pytest.raises(ValueError): hqmq_encode(hq, x, 0, 'v', backend='triton')
+    p = hqmq_encode(hq, x, 0, 'v', backend='triton', check_values=False)
+    bad = torch.zeros(1, 2, 5, dtype=torch.bool); bad[0, 1, 3] = bad[0, 0, 1] = True
+    assert torch.equal(p.sigma.isnan(), bad)
+    xh = hq.dequantize(p)
+    assert xh[bad].isnan().any(-1).all() and xh[~bad].isfinite().all()   # loud where the input was bad, exact elsewhere
