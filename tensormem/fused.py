@@ -17,8 +17,8 @@ from .kernels import HAS_TRITON, DecodeSource, decode_attention_sources, hqmq_en
 from .hf_cache import QuantizedKVCache, QuantizedKVLayer
 
 # %% auto #0
-__all__ = ['ATTN_NAME', 'HQMQStore', 'FusedKV', 'FusedHQMQLayer', 'left_padding_starts', 'fused_hqmq_attention',
-           'enable_fused_hqmq', 'FusedHQMQCache']
+__all__ = ['ATTN_NAME', 'HQMQStore', 'FusedKV', 'FusedHQMQLayer', 'left_padding_starts', 'dense_attention',
+           'fused_hqmq_attention', 'enable_fused_hqmq', 'FusedHQMQCache']
 
 # %% ../nbs/09b_fused_decode.ipynb #9b2948ae
 class HQMQStore:
@@ -112,20 +112,18 @@ def append(self:HQMQStore, p:HQMQPacked # one packed write `[B, H, n, d]` of thi
         self.digits[:, w0:w1] = (words - ((words >> 31) << 32)).to(torch.int32)
     if self.has_outliers:
         m = unpack_bits(p.flags, 1, self.nc).bool().reshape(BH, n, self.nc)
-        cnt = m.sum(-1)                                                 # [BH, n] outliers per token
-        before = torch.cumsum(cnt, 1) - cnt                             # within this write, per row
-        per_row = cnt.sum(1)
+        mf = m.flatten(1).long(); rank = (torch.cumsum(mf, 1) - mf).view(BH, n, self.nc)   # order within the row, this write
+        per_row = mf.sum(1)
         self._grow_outliers(per_row, n * self.nc)
         self.flags[:, T:T + n] = p.flags.reshape(BH, n, self.nf)
         s0 = -(-T // self.block) * self.block                           # tiles starting in this write
         if s0 < T + n:
             starts = torch.arange(s0, T + n, self.block, device=self.device)
-            self.offsets[:, starts // self.block] = (self.n_out[:, None] + before[:, starts - T]).to(torch.int32)
+            self.offsets[:, starts // self.block] = (self.n_out[:, None] + rank[:, starts - T, 0]).to(torch.int32)
         if p.outliers.ndim == 2:                                        # compact (row-major) → one value slot per chunk
             dense = torch.zeros(BH, n, self.nc, 4, dtype=torch.float16, device=self.device)
             dense.masked_scatter_(m[..., None].expand_as(dense), p.outliers)
         else: dense = p.outliers.reshape(BH, n, self.nc, 4)            # `hqmq_encode(dense_outliers=True)`
-        mf = m.flatten(1).long(); rank = (torch.cumsum(mf, 1) - mf).view(BH, n, self.nc)   # order within the row
         base = torch.arange(BH, device=self.device)[:, None, None] * self.ocap + self.n_out[:, None, None]
         dest = torch.where(m, base + rank, BH * self.ocap)             # chunks that are not outliers go to the trash row
         self.outl.index_copy_(0, dest.flatten(), dense.reshape(-1, 4))
@@ -267,6 +265,18 @@ def left_padding_starts(mask:Tensor|None, # transformers' attention mask for the
     return first
 
 # %% ../nbs/09b_fused_decode.ipynb #322b18d7
+def dense_attention(q:Tensor, # one query token `[B, H_q, d_h]`
+                    k:Tensor, v:Tensor, # keys and values `[B, H_kv, T, d_h]` (GQA: H_q a multiple of H_kv)
+                    scaling:float|None=None, # softmax scale (default 1/√d_h)
+                    first:Tensor|None=None # `[B]`: keys before it are masked (left padding)
+                   ) -> tuple[Tensor, Tensor]: # (output `[B, H_q, d_h]`, log-sum-exp `[B, H_q]`), fp32
+    "Exact masked softmax attention in fp32, with its log-sum-exp (−inf and output 0 for a row with every key masked)."
+    G, d, T = q.shape[1] // k.shape[1], q.shape[-1], k.shape[-2]
+    k, v = [t.float().repeat_interleave(G, 1) for t in (k, v)]
+    s = torch.einsum('bhd,bhtd->bht', q.float(), k) * (1 / math.sqrt(d) if scaling is None else scaling)
+    if first is not None: s = s.masked_fill(torch.arange(T, device=s.device)[None, None] < first[:, None, None], float('-inf'))
+    return torch.einsum('bht,bhtd->bhd', torch.softmax(s, -1).nan_to_num(0.), v), torch.logsumexp(s, -1)
+
 @patch
 def attend(self:FusedHQMQLayer, query:Tensor, # `[B, H_q, 1, d_h]` (post-RoPE), as transformers passes it
            attention_mask:Tensor|None=None, # the step's mask (see `left_padding_starts`)
@@ -281,14 +291,9 @@ def attend(self:FusedHQMQLayer, query:Tensor, # `[B, H_q, 1, d_h]` (post-RoPE), 
     o, lse = decode_attention_sources(q, self.quantizer, st['k'].source(), st['v'].source(), len(st['k']), st['k'].H,
                                       None if first is None else (first - ns).clamp_min(0), scaling, return_lse=True)
     if ns:                                                             # sinks: exact, in fp32, then one softmax over both parts
-        G, scale = Hq // st['k'].H, 1 / math.sqrt(d) if scaling is None else scaling
-        ks, vs = [t.float().repeat_interleave(G, 1) for t in (self.keys, self.values)]
-        s = torch.einsum('bhd,bhtd->bht', q.float(), ks) * scale
-        if first is not None: s = s.masked_fill(torch.arange(ns, device=s.device)[None, None] < first[:, None, None], float('-inf'))
-        lse_s = torch.logsumexp(s, -1)
+        o_s, lse_s = dense_attention(q, self.keys, self.values, scaling, first)
         m = torch.maximum(lse, lse_s).clamp_min(torch.finfo(torch.float32).min)      # both −inf cannot happen: the current token is attended
         ws, wq = (lse_s - m).exp(), (lse - m).exp()
-        o_s = torch.einsum('bht,bhtd->bhd', torch.softmax(s, -1).nan_to_num(0.), vs)
         o = ((wq[..., None] * o.float() + ws[..., None] * o_s) / (wq + ws)[..., None]).to(query.dtype)
     return o[:, None]
 
@@ -296,13 +301,9 @@ def attend(self:FusedHQMQLayer, query:Tensor, # `[B, H_q, 1, d_h]` (post-RoPE), 
 @patch
 def attend_reference(self:FusedHQMQLayer, query:Tensor, attention_mask:Tensor|None=None, scaling:float|None=None) -> Tensor:
     "What `attend` computes, the slow way: dequantize sinks and stores, mask, one softmax in fp32 (checks, debugging)."
-    B, Hq, _, d = query.shape; T = self.cumulative_length
     k, v = self._history('k', torch.float32), self._history('v', torch.float32)
-    G = Hq // k.shape[1]; k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    s = torch.einsum('bhd,bhtd->bht', query[:, :, 0].float(), k) * (1 / math.sqrt(d) if scaling is None else scaling)
-    first = left_padding_starts(attention_mask, T)
-    if first is not None: s = s.masked_fill(torch.arange(T, device=s.device)[None, None] < first[:, None, None], float('-inf'))
-    return torch.einsum('bht,bhtd->bhd', s.softmax(-1), v).to(query.dtype)[:, None]
+    o, _ = dense_attention(query[:, :, 0], k, v, scaling, left_padding_starts(attention_mask, self.cumulative_length))
+    return o.to(query.dtype)[:, None]
 
 # %% ../nbs/09b_fused_decode.ipynb #69213714
 def fused_hqmq_attention(module, query:Tensor, key, value, attention_mask, scaling:float|None=None, dropout:float=0.0, **kwargs):

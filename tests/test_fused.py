@@ -152,3 +152,14 @@ def test_unchecked_encode_poisons_non_finite_tokens():
     assert torch.equal(p.sigma.isnan(), bad)
     xh = hq.dequantize(p)
     assert xh[bad].isnan().any(-1).all() and xh[~bad].isfinite().all()   # loud where the input was bad, exact elsewhere
+
+
+def test_dense_attention_output_lse_and_masked_rows():
+    from tensormem.fused import dense_attention
+    g = torch.Generator().manual_seed(9)
+    q, k, v = torch.randn(2, 4, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    o, lse = dense_attention(q, k, v, first=torch.tensor([0, 5]))
+    s = torch.einsum('bhd,bhtd->bht', q, k.repeat_interleave(2, 1)) / math.sqrt(8)
+    torch.testing.assert_close(o[0], torch.einsum('ht,htd->hd', s[0].softmax(-1), v[0].repeat_interleave(2, 0)))
+    torch.testing.assert_close(lse[0], s[0].logsumexp(-1))
+    assert torch.equal(o[1], torch.zeros_like(o[1])) and bool((lse[1] == float('-inf')).all())   # every key masked
