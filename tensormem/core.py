@@ -46,7 +46,7 @@ def check_tensor(x, name:str, # the tensor and the argument name used in the err
     return x
 
 # %% ../nbs/00_core.ipynb #c4c950c2
-def check_int(name:str, v, # the argument name used in the error, and its value
+def check_int(v, name:str, # the value, and the argument name used in the error
               lo:int, hi:int|None=None # inclusive bounds; `hi=None` means no upper bound
              ) -> int:
     "Raise a `ValueError` naming `name` unless `v` is an int in [lo, hi] (or ≥ lo)."

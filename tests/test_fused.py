@@ -1,4 +1,4 @@
-"Fused HQMQ decode in transformers (09b_fused_decode): the append-only store, the kernel over it, generate() through it."
+"Fused HQMQ decode in transformers (11_fused_decode): the append-only store, the kernel over it, generate() through it."
 import math, pytest, torch
 from hypothesis import given, settings, strategies as st
 from conftest import tiny_llama
