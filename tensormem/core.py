@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IN_TEST', 'IN_COLAB', 'default_device', 'seed_everything', 'check_tensor', 'check_int', 'interact_or_static']
+__all__ = ['IN_TEST', 'IN_COLAB', 'default_device', 'seed_everything', 'check_tensor', 'check_int', 'UsageError',
+           'interact_or_static']
 
 # %% ../nbs/00_core.ipynb #6ccf012f
 IN_TEST = bool(os.environ.get('IN_TEST'))   # set by `nbdev_test`; notebooks shrink their runs
@@ -41,7 +42,8 @@ def check_tensor(x, name:str, # the tensor and the argument name used in the err
     if last is not None and (x.ndim == 0 or x.shape[-1] != last):
         raise ValueError(f"`{name}` must have last dim {last}{want}, got shape {tuple(x.shape)}")
     if floating and not x.is_floating_point(): raise TypeError(f"`{name}` must be a floating tensor, got {x.dtype}")
-    if finite and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    # one sum first (cheap); the element-wise test only when the sum is not finite (a NaN/Inf, or a sum that overflowed)
+    if finite and x.is_floating_point() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"`{name}` contains NaN or Inf")
     return x
 
@@ -53,6 +55,10 @@ def check_int(v, name:str, # the value, and the argument name used in the error
     if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
         raise ValueError(f"`{name}` must be an int " + (f"in [{lo}, {hi}]" if hi is not None else f"≥ {lo}") + f", got {v!r}")
     return v
+
+# %% ../nbs/00_core.ipynb #a1b2c3d5
+class UsageError(ValueError):
+    "A user error in a console job's options: `tensormem` prints the message on one line and exits 2."
 
 # %% ../nbs/00_core.ipynb #4928fdc4
 def interact_or_static(fn, # plotting function taking keyword arguments

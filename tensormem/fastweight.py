@@ -9,23 +9,16 @@ from torch import Tensor
 from .core import check_tensor, check_int
 
 # %% auto #0
-__all__ = ['check_writes', 'write_tokens', 'write_chunk_mean', 'decay_weights', 'scan_states', 'write_scan']
+__all__ = ['check_rate', 'check_writes', 'write_tokens', 'write_chunk_mean', 'decay_weights', 'scan_states', 'write_scan']
 
 # %% ../nbs/07_fastweight.ipynb #a80581a0
-def _rate(x, name:str, H:int, like:Tensor) -> Tensor:
+def check_rate(x, name:str, H:int, like:Tensor) -> Tensor:
     "`x` (a float or an `[H]` tensor) as an `[H]` tensor like `like`; raise unless every entry is in (0, 1)."
     x = x.to(like) if isinstance(x, Tensor) else torch.tensor(float(x), dtype=like.dtype, device=like.device)
     if x.ndim == 0: x = x.expand(H)
     if x.shape != (H,): raise ValueError(f"`{name}` must be a float or a tensor of shape [H] = [{H}], got shape {tuple(x.shape)}")
     if not bool(((x > 0) & (x < 1)).all()):
         raise ValueError(f"`{name}` must lie strictly inside (0, 1), got values in [{x.min().item():.4g}, {x.max().item():.4g}]")
-    return x
-
-# %% ../nbs/07_fastweight.ipynb #ba2e7fac
-def _check(x, name:str, **kw) -> Tensor:
-    "`check_tensor` with a cheap finiteness test first: one sum, and the full element test only when the sum is not finite."
-    check_tensor(x, name, finite=False, **kw)
-    if x.is_floating_point() and not bool(torch.isfinite(x.sum())): check_tensor(x, name, **kw)
     return x
 
 # %% ../nbs/07_fastweight.ipynb #44376688
@@ -37,13 +30,13 @@ def check_writes(A:Tensor, # memory `[B, H, Dk, Dv]`
                  chunk:int|None=None # chunk length C ≥ 1, or None when unused
                 ) -> tuple[Tensor, Tensor]:
     "Validate a batch of writes; return `(lam, eta)` as `[H]` tensors."
-    _check(A, 'A', ndim=4, shape='[B, H, Dk, Dv]')
-    _check(k, 'k', ndim=4, shape='[B, H, T, Dk]'); _check(v, 'v', ndim=4, shape='[B, H, T, Dv]')
+    check_tensor(A, 'A', ndim=4, shape='[B, H, Dk, Dv]')
+    check_tensor(k, 'k', ndim=4, shape='[B, H, T, Dk]'); check_tensor(v, 'v', ndim=4, shape='[B, H, T, Dv]')
     if v.shape[:3] != k.shape[:3]: raise ValueError(f"`k` and `v` must share [B, H, T], got {tuple(k.shape)} and {tuple(v.shape)}")
     want = (*k.shape[:2], k.shape[3], v.shape[3])
     if tuple(A.shape) != want: raise ValueError(f"`A` must have shape [B, H, Dk, Dv] = {list(want)}, got {tuple(A.shape)}")
     if chunk is not None: check_int(chunk, 'chunk', 1)
-    return _rate(lam, 'lam', k.shape[1], A), _rate(eta, 'eta', k.shape[1], A)
+    return check_rate(lam, 'lam', k.shape[1], A), check_rate(eta, 'eta', k.shape[1], A)
 
 # %% ../nbs/07_fastweight.ipynb #93f96e15
 def write_tokens(A:Tensor, # memory `[B, H, Dk, Dv]`

@@ -266,10 +266,10 @@ def tensor_cache_forward(m, # a `TensorCacheAttention` with rule 'outer'
     "`TensorCacheAttention.forward` through the GPU kernels: same parameters, same function."
     if m.rule != 'outer': raise ValueError(f"the kernels implement the 'outer' rule, got rule={m.rule!r}")
     check_tensor(x, 'x', ndim=3, last=m.d_model, shape='[B, T, E]')
-    B, T, _ = x.shape; valid = m._valid(pad_mask, (B, T), x.device)
-    q, k, v = m._qkv(x, torch.arange(T, device=x.device))
+    B, T, _ = x.shape; valid = m.valid_mask(pad_mask, (B, T), x.device)
+    q, k, v = m.qkv(x, torch.arange(T, device=x.device))
     o, r = tensor_cache_heads(q, k, v, m.lam.to(q.dtype), m.eta.to(q.dtype), m.window, m.n_sink, valid, m.chunk, backend)
-    return m._fuse(o, r)
+    return m.fuse(o, r)
 
 # %% ../nbs/10_kernels.ipynb #8f95d54d
 @_jit

@@ -9,7 +9,7 @@ import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import store_attr, patch
 from .core import check_tensor, check_int
-from .fastweight import scan_states, _check, _rate
+from .fastweight import scan_states, check_rate
 
 # %% auto #0
 __all__ = ['rope_angles', 'rotate', 'rope', 'unit', 'window_attention', 'ring_attention', 'evicted_stream', 'scan_read',
@@ -189,7 +189,7 @@ def check_input(x, name:str, # the input and its argument name
                 **kw # `ndim`, `last`, `shape` for `check_tensor`
                ) -> Tensor:
     "Host-side checks every call (type, rank, last dim, floating dtype, device); the NaN/Inf scan where `scan_values` says."
-    if not isinstance(x, Tensor) or scan_values(x, check_finite): _check(x, name, **kw)
+    if not isinstance(x, Tensor) or scan_values(x, check_finite): check_tensor(x, name, **kw)
     else: check_tensor(x, name, finite=False, **kw)
     if device is not None and x.device != torch.device(device):
         raise ValueError(f"`{name}` is on {x.device}, the decoding state on {torch.device(device)}")
@@ -222,7 +222,7 @@ class TensorCacheAttention(nn.Module):
         store_attr('d_model,n_heads,window,n_sink,chunk,rule,rope,rope_base,check_finite'); self.head_dim, self.ring = D, window - n_sink
         self.q_proj, self.k_proj, self.v_proj = [nn.Linear(d_model, d_model, bias=bias) for _ in range(3)]
         self.c_proj, self.W_tc = nn.Linear(d_model, d_model, bias=bias), nn.Linear(d_model, d_model, bias=False)
-        init = lambda x, n: torch.logit(_rate(torch.as_tensor(x, dtype=torch.float64), n, n_heads, torch.zeros(1, dtype=torch.float64)))
+        init = lambda x, n: torch.logit(check_rate(torch.as_tensor(x, dtype=torch.float64), n, n_heads, torch.zeros(1, dtype=torch.float64)))
         self.lam_logit, self.eta_logit = nn.Parameter(init(lam, 'lam').float()), nn.Parameter(init(eta, 'eta').float())
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
 
@@ -234,7 +234,7 @@ class TensorCacheAttention(nn.Module):
 
 # %% ../nbs/08_tensor_cache.ipynb #0b5abb82
 @patch
-def _qkv(self:TensorCacheAttention, x:Tensor, pos:Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def qkv(self:TensorCacheAttention, x:Tensor, pos:Tensor) -> tuple[Tensor, Tensor, Tensor]:
     "Project `x` `[B, T, E]` to per-head q, k, v `[B, H, T, D]`, RoPE on q and k at positions `pos` `[T]`."
     B, T, E = x.shape; x2 = x.reshape(B*T, E)                 # 2-D linears (a [B, 1, E] linear is slow on some CPU builds)
     sh = lambda y: y.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -243,13 +243,13 @@ def _qkv(self:TensorCacheAttention, x:Tensor, pos:Tensor) -> tuple[Tensor, Tenso
     return q, k, v
 
 @patch
-def _fuse(self:TensorCacheAttention, o:Tensor, r:Tensor) -> Tensor:
+def fuse(self:TensorCacheAttention, o:Tensor, r:Tensor) -> Tensor:
     "y = c_proj(L1) + sigmoid(g)·W_tc(r), from per-head `o`, `r` `[B, H, T, D]` to `[B, T, E]`."
     B, _, T, _ = o.shape; mg = lambda y: y.transpose(1, 2).reshape(B*T, self.d_model)
     return (self.c_proj(mg(o)) + torch.sigmoid(self.gate) * self.W_tc(mg(r))).view(B, T, self.d_model)
 
 @patch
-def _valid(self:TensorCacheAttention, pad_mask, shape:tuple, device) -> Tensor|None:
+def valid_mask(self:TensorCacheAttention, pad_mask, shape:tuple, device) -> Tensor|None:
     "`pad_mask` (1/True = real token) as a bool tensor of `shape`, or None."
     if pad_mask is None: return None
     if not isinstance(pad_mask, Tensor) or tuple(pad_mask.shape) != tuple(shape):
@@ -265,13 +265,13 @@ def forward(self:TensorCacheAttention,
             ) -> Tensor:
     "Parallel (training) form: block-local L1 + chunked eviction-conditioned L2, `[B, T, E]` → `[B, T, E]`."
     check_input(x, 'x', self.check_finite, ndim=3, last=self.d_model, shape='[B, T, E]')
-    B, T, _ = x.shape; valid = self._valid(pad_mask, (B, T), x.device)
-    q, k, v = self._qkv(x, torch.arange(T, device=x.device))
+    B, T, _ = x.shape; valid = self.valid_mask(pad_mask, (B, T), x.device)
+    q, k, v = self.qkv(x, torch.arange(T, device=x.device))
     o = window_attention(q, k, v, self.window, self.n_sink, valid)
     lam, eta = self.lam.to(q.dtype), self.eta.to(q.dtype)
     if self.rule == 'outer': r = evicted_read(q, k, v, lam, eta, self.window, self.n_sink, valid, self.chunk)
     else: r = evicted_read_delta(q, k, v, lam, eta, self.window, self.n_sink, valid)
-    return self._fuse(o, r)
+    return self.fuse(o, r)
 
 # %% ../nbs/08_tensor_cache.ipynb #08039ce0
 @patch
@@ -305,8 +305,8 @@ def step(self:TensorCacheAttention,
     check_input(x_t, 'x_t', self.check_finite, state.A.device, ndim=2, last=self.d_model, shape='[B, E]')   # host-side: no sync
     B, t, ns, R = x_t.shape[0], state.t, self.n_sink, self.ring
     if state.A.shape[0] != B: raise ValueError(f"`state` holds batch {state.A.shape[0]}, `x_t` has {B} rows")
-    ok = self._valid(pad_mask, (B,), x_t.device)
-    q, k, v = self._qkv(x_t[:, None], torch.arange(t, t + 1, device=x_t.device))    # [B, H, 1, D]
+    ok = self.valid_mask(pad_mask, (B,), x_t.device)
+    q, k, v = self.qkv(x_t[:, None], torch.arange(t, t + 1, device=x_t.device))    # [B, H, 1, D]
     new = state.clone() if torch.is_grad_enabled() else state
     if t < ns: K, V, OK, i = new.sink_k, new.sink_v, new.sink_ok, t
     else:
@@ -315,7 +315,7 @@ def step(self:TensorCacheAttention,
     K[:, :, i], V[:, :, i], OK[:, i] = k[:, :, 0], v[:, :, 0], True if ok is None else ok
     new.t = t + 1
     o = ring_attention(q, new.ring_k, new.ring_v, new.ring_ok, new.sink_k, new.sink_v, new.sink_ok)
-    return self._fuse(o, q @ new.A)[:, 0], new
+    return self.fuse(o, q @ new.A)[:, 0], new
 
 # %% ../nbs/08_tensor_cache.ipynb #7c2db551
 @patch
@@ -326,7 +326,7 @@ def stream(self:TensorCacheAttention,
            ) -> tuple[Tensor, TCState]:
     "Run `step` over every position: `(y [B, T, E], final state)` — the streaming reference for `forward`."
     check_input(x, 'x', self.check_finite, ndim=3, last=self.d_model, shape='[B, T, E]')
-    valid = self._valid(pad_mask, x.shape[:2], x.device)
+    valid = self.valid_mask(pad_mask, x.shape[:2], x.device)
     state = self.init_state(x.shape[0], x.device, x.dtype) if state is None else state
     ys = []
     for t in range(x.shape[1]):

@@ -69,8 +69,8 @@ def test_parallel_equals_streaming_fp64_and_reference():
         with torch.no_grad():
             par = mod(x, pm)
             assert _rel(par, mod.stream(x, pm)[0]) < 1e-12
-            q, k, v = mod._qkv(x, torch.arange(31))
-            ref = mod._fuse(naive_l1(q, k, v, W, ns, pm), naive_l2(q, k, v, mod.lam.double(), mod.eta.double(), W, ns, pm))
+            q, k, v = mod.qkv(x, torch.arange(31))
+            ref = mod.fuse(naive_l1(q, k, v, W, ns, pm), naive_l2(q, k, v, mod.lam.double(), mod.eta.double(), W, ns, pm))
             assert _rel(par, ref) < 1e-12
 
 
@@ -169,7 +169,7 @@ def test_l2_starts_exactly_at_window():
     mod = TensorCacheAttention(16, 2, 5, gate_init=3.0).double()
     x = torch.randn(1, 12, 16, dtype=torch.float64)
     with torch.no_grad():
-        q, k, v = mod._qkv(x, torch.arange(12))
+        q, k, v = mod.qkv(x, torch.arange(12))
         l1 = mod.c_proj(window_attention(q, k, v, 5).transpose(1, 2).reshape(1, 12, 16))
         diff = (mod(x) - l1).abs().amax(-1)[0]
     assert (diff[:5] < 1e-14).all() and (diff[5:] > 1e-8).all()

@@ -1,0 +1,26 @@
+#!/usr/bin/env python3
+"""Re-execute notebooks in place so their committed outputs come from a real run (then `nbdev_clean`).
+
+`#| slow` and `#| cuda` cells are skipped (they keep their committed outputs) unless `--slow` / `--cuda` is given.
+Usage: python scripts/run_nb.py nbs/03_hqmq.ipynb [more.ipynb ...] [--slow] [--cuda]
+"""
+import argparse, os, sys, time
+from pathlib import Path
+
+def flags(cell) -> set:
+    return {l[3:].split()[0] for l in cell.source.splitlines() if l.startswith('#| ') and len(l) > 3}
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('notebooks', nargs='+'); ap.add_argument('--slow', action='store_true'); ap.add_argument('--cuda', action='store_true')
+    a = ap.parse_args(argv)
+    from execnb.shell import CaptureShell
+    skip = {'notest'} | ({'slow'} if not a.slow else set()) | ({'cuda'} if not a.cuda else set())
+    os.environ.setdefault('MPLBACKEND', 'Agg'); os.environ.setdefault('PYTHONHASHSEED', '0')
+    for nb in a.notebooks:
+        p = Path(nb).resolve(); t0 = time.time(); cwd = os.getcwd(); os.chdir(p.parent)
+        try: CaptureShell().execute(p, p, exc_stop=True, preproc=lambda c: c.cell_type == 'code' and bool(flags(c) & skip))
+        finally: os.chdir(cwd)
+        print(f"{p.name}: executed in {time.time() - t0:.0f} s")
+
+if __name__ == '__main__': sys.exit(main())
