@@ -27,7 +27,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True, python_requires='>=' + cfg['min_python'],
     install_requires=req('requirements'),
-    extras_require={'dev': req('dev_requirements'), 'hf': req('hf_requirements'), 'gpu': req('gpu_requirements')},
+    extras_require={'dev': req('dev_requirements'), 'hf': req('hf_requirements'), 'gpu': req('gpu_requirements'),
+                    'all': req('dev_requirements') + req('hf_requirements') + req('gpu_requirements')},
     entry_points={'console_scripts': cfg['console_scripts'].split(),
                   'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False)

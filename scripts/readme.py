@@ -1,8 +1,16 @@
 "Write README.md from nbs/index.ipynb (nbdev_readme needs Quarto, which these machines cannot install)."
-import json, re, sys
+import configparser, json, re, sys
 from pathlib import Path
 
 root = Path(__file__).resolve().parents[1]
+
+def site_url() -> str:
+    cfg = configparser.ConfigParser(); cfg.read(root/'settings.ini')
+    return cfg['DEFAULT']['doc_host'].rstrip('/') + '/' + cfg['DEFAULT']['doc_baseurl'].strip('/') + '/'
+
+def absolute_links(md:str) -> str:
+    "Links to docs pages (`hqmq.html`, `tutorials/kv_cache.html#x`) made absolute: the README is also read on GitHub and PyPI."
+    return re.sub(r'\]\((?!https?:|#|/)([\w./-]+\.html(?:#[^)\s]*)?)\)', lambda m: f"]({site_url()}{m.group(1)})", md)
 
 def readme_text() -> str:
     nb = json.loads((root/'nbs'/'index.ipynb').read_text())
@@ -12,7 +20,7 @@ def readme_text() -> str:
         if src.lstrip().startswith('#| hide'): continue
         if c['cell_type'] == 'markdown':
             src = re.sub(r'^> (.*)$', r'> \1', src, flags=re.M)
-            out.append(src)
+            out.append(absolute_links(src))
         else:
             out.append('```python\n' + src + '\n```')
             for o in c.get('outputs', []):

@@ -8,14 +8,16 @@ import math, dataclasses, functools
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
-from .core import IN_TEST, default_device
-from .hqmq import (Packed, KVQuantizer, check_kv, check_int, pack_bits, unpack_bits, chunk_norms, outlier_mask,
-                            merge_outliers, OUTLIER_MODES, HQMQ, synthetic_kv, attention_error, codes_equal)
+from .core import check_int
+from fastcore.basics import patch, store_attr
+from .quant import (Packed, KVQuantizer, check_kv, check_valid, check_positive, check_fraction, fp16_scale, fp16_values, pack_bits,
+                             unpack_bits, chunk_norms, outlier_mask, cat_outliers, OUTLIER_MODES, FAMILY_STYLE, attention_error)
+from .hqmq import HQMQ
 
 # %% auto #0
-__all__ = ['MARKERS', 'IntPacked', 'NaiveInt', 'kivi_encode', 'kivi_decode', 'KIVIPacked', 'KIVI', 'sphere_coord_density',
+__all__ = ['IntPacked', 'NaiveInt', 'fill_pads', 'kivi_encode', 'kivi_decode', 'KIVIPacked', 'KIVI', 'sphere_coord_density',
            'lloyd_max', 'uniform_levels', 'random_rotation', 'TQPacked', 'TurboQuantLike', 'bits_report', 'method_grid',
-           'family', 'evaluate', 'plot_rows', 'print_rows', 'capture_qkv']
+           'evaluate_tensors', 'plot_rows', 'print_rows', 'capture_qkv']
 
 # %% ../nbs/03a_baselines.ipynb #d2c2a2e8
 @dataclass(eq=False)
@@ -27,77 +29,91 @@ class IntPacked(Packed):
     @classmethod
     def cat(cls, pieces:list) -> 'IntPacked':
         "Join writes along T (per-token codes: a plain concatenation, outliers merged in row-major order)."
-        a = pieces[0]
-        for o in pieces[1:]: a._check_cat(o, 'bits')
-        flags = outl = None
-        if a.flags is not None: flags, outl = merge_outliers([p.flags for p in pieces], [p.outliers for p in pieces], -(-a.shape[3] // 4))
-        return dataclasses.replace(a, shape=(*a.shape[:2], sum(p.shape[2] for p in pieces), a.shape[3]),
-                                   codes=torch.cat([p.codes for p in pieces], 2), scale=torch.cat([p.scale for p in pieces], 2), flags=flags, outliers=outl)
+        a = cls.check_pieces(pieces, 'bits'); flags, outl = cat_outliers(pieces, -(-a.shape[3] // 4))
+        return dataclasses.replace(a, shape=(*a.shape[:2], sum(p.shape[2] for p in pieces), a.shape[3]), codes=torch.cat([p.codes for p in pieces], 2),
+                                   scale=torch.cat([p.scale for p in pieces], 2), flags=flags, outliers=outl)
 
 # %% ../nbs/03a_baselines.ipynb #21664017
-def _fp16(t, what):
-    t = t.half()
-    if not bool(torch.isfinite(t).all()): raise ValueError(f"`x` has {what} beyond the fp16 range (65504)")
-    return t
-
 class NaiveInt(KVQuantizer):
     "Per-token symmetric int-b (max-abs scale, no zero point), optionally with Med3× outliers."
     def __init__(self, bits:int, # bits per element, 2..8
-                 outliers:str|None=None, # None or a Med3× mode of `tensormem.hqmq` ('med', 'med_row', 'med_token')
-                 C:float=3.0, # Med3× threshold
+                 outliers:str|None=None, # None or a Med3× mode of `tensormem.quant` ('med', 'med_row', 'med_token')
+                 C:float=3.0, # Med3× threshold, finite and > 0
                  sigma_outliers:bool=False # let outlier chunks set the scale
                 ):
         check_int(bits, 'bits', 2, 8)
         if outliers is not None and outliers not in OUTLIER_MODES: raise ValueError(f"`outliers` must be None or one of {OUTLIER_MODES}, got {outliers!r}")
-        self.bits, self.outliers, self.C, self.sigma_outliers = bits, outliers, float(C), sigma_outliers
+        if not isinstance(sigma_outliers, bool): raise TypeError(f"`sigma_outliers` must be a bool, got {sigma_outliers!r}")
+        store_attr('bits,outliers,sigma_outliers'); self.C = check_positive(C, 'C')
     @property
     def name(self): return f"int{self.bits}" + (f"+{self.outliers}" if self.outliers else '')
+    @property
+    def family(self): return 'naive int' + ('+Med3×' if self.outliers else '')
+    def identity(self): return ('NaiveInt', self.bits)
 
-    def quantize(self, x:torch.Tensor, layer:int, role:str) -> IntPacked:
-        "Encode `[B, H, T, d]` per token."
-        check_kv(x, layer, role); d, qm = x.shape[3], 2**(self.bits - 1) - 1
-        xf, flags, vals = x.float(), None, None
-        if self.outliers:
-            nc = -(-d // 4); xc = F.pad(xf, (0, 4 * nc - d)).unflatten(-1, (nc, 4))
-            out = outlier_mask(chunk_norms(xc), self.outliers, self.C)
-            flags, vals = pack_bits(out, 1), _fp16(xc[out], 'outliers')
-            xin = xc.masked_fill(out[..., None], 0.).flatten(-2)[..., :d]
-            xf = xin if not self.sigma_outliers else xf
-        scale = _fp16(xf.abs().amax(-1) / qm, 'scales')
-        s = scale.float()[..., None]
-        c = torch.where(s > 0, (xf / s.clamp_min(1e-30)).round(), 0.).clamp(-qm, qm).long()
-        return IntPacked(tuple(x.shape), x.dtype, pack_bits(c + qm, self.bits), scale, flags, vals, self.bits)
+# %% ../nbs/03a_baselines.ipynb #b2df539f
+@patch
+def quantize(self:NaiveInt, x:torch.Tensor, layer:int, role:str, # `[B, H, T, d]`, layer index, 'k'/'v'
+             valid:torch.Tensor|None=None # `[B, T]` bool, False = padding (left out of the Med3× medians)
+            ) -> IntPacked:
+    "Encode `[B, H, T, d]` per token."
+    check_kv(x, layer, role); check_valid(valid, x); d, qm = x.shape[3], 2**(self.bits - 1) - 1
+    xf, flags, vals = x.float(), None, None
+    if self.outliers:
+        nc = -(-d // 4); xc = F.pad(xf, (0, 4 * nc - d)).unflatten(-1, (nc, 4))
+        out = outlier_mask(chunk_norms(xc), self.outliers, self.C, valid)
+        flags, vals = pack_bits(out, 1), fp16_values(xc[out], 'outlier chunks')
+        xf = xc.masked_fill(out[..., None], 0.).flatten(-2)[..., :d] if not self.sigma_outliers else xf
+    scale = fp16_scale(xf.abs().amax(-1) / qm if d else xf.new_zeros(xf.shape[:3]), 'per-token scales (max |x| / q_m)'); s = scale.float()[..., None]
+    c = torch.where(s > 0, (xf / s.clamp_min(1e-30)).round(), 0.).clamp(-qm, qm).long()
+    return IntPacked(tuple(x.shape), x.dtype, pack_bits(c + qm, self.bits, check=False), scale, flags, vals, self.bits, fingerprint=self.fingerprint)
 
-    def dequantize(self, p:IntPacked) -> torch.Tensor:
-        "Decode codes × scale and put the outliers back."
-        if not isinstance(p, IntPacked) or p.bits != self.bits: raise ValueError(f"`p` must be an IntPacked made by {self.name}")
-        B, H, T, d = p.shape; qm = 2**(self.bits - 1) - 1
-        x = (unpack_bits(p.codes, self.bits, d) - qm).float() * p.scale.float()[..., None]
-        if p.flags is not None:
-            nc = -(-d // 4); xc = F.pad(x, (0, 4 * nc - d)).unflatten(-1, (nc, 4))
-            xc[unpack_bits(p.flags, 1, nc).bool()] = p.outliers.float(); x = xc.flatten(-2)[..., :d]
-        return x.to(p.dtype)
+# %% ../nbs/03a_baselines.ipynb #f60b89e3
+@patch
+def dequantize(self:NaiveInt, p:IntPacked) -> torch.Tensor:
+    "Decode codes × scale and put the outliers back."
+    self.check_packed(p, IntPacked)
+    if p.bits != self.bits: raise ValueError(f"`p` must be an IntPacked made by {self.name}, got {p.bits} bits")
+    B, H, T, d = p.shape; qm = 2**(self.bits - 1) - 1
+    x = (unpack_bits(p.codes, self.bits, d) - qm).float() * p.scale.float()[..., None]
+    if p.flags is not None:
+        nc = -(-d // 4); xc = F.pad(x, (0, 4 * nc - d)).unflatten(-1, (nc, 4))
+        xc[unpack_bits(p.flags, 1, nc).bool()] = p.outliers.float(); x = xc.flatten(-2)[..., :d]
+    return x.to(p.dtype)
 
-    def bits_per_element(self, head_dim:int, outlier_frac:float=0., tokens:int|None=None, role:str|None=None) -> dict:
-        "Headline b, true (scale, outliers per Eq. 2) and layout (byte-padded rows, code slots kept for outliers) bits per element."
-        b, d, p, nc = self.bits, head_dim, outlier_frac, -(-head_dim // 4)
-        med = self.outliers is not None
-        true = ((1 - p) * b * d + (nc * (64 * p + 1) if med else 0) + 16) / d
-        layout = (8 * -(-d * b // 8) + 16 + ((8 * -(-nc // 8) + 64 * nc * p) if med else 0)) / d
-        return dict(headline=float(b), true=true, layout=layout)
+# %% ../nbs/03a_baselines.ipynb #942552be
+@patch
+def bits_per_element(self:NaiveInt, head_dim:int, outlier_frac:float=0., tokens:int|None=None, role:str|None=None) -> dict:
+    "Headline b, true (scale, outliers per Eq. 2) and layout (byte-padded rows, code slots kept for outliers) bits per element."
+    check_int(head_dim, 'head_dim', 1); b, d, p, nc = self.bits, head_dim, check_fraction(outlier_frac, 'outlier_frac'), -(-head_dim // 4)
+    med = self.outliers is not None
+    true = ((1 - p) * b * d + (nc * (64 * p + 1) if med else 0) + 16) / d
+    layout = (8 * -(-d * b // 8) + 16 + ((8 * -(-nc // 8) + 64 * nc * p) if med else 0)) / d
+    return dict(headline=float(b), true=true, layout=layout)
 
 # %% ../nbs/03a_baselines.ipynb #3e29fa28
+def fill_pads(x:torch.Tensor, # keys `[B, H, T, d]`, T a multiple of `group`
+              valid:torch.Tensor, # `[B, T]` bool, False = padding
+              group:int) -> torch.Tensor: # x with each pad replaced by its group's first real token (an all-pad group: its first token)
+    "Make padding invisible to per-group min/max: a pad copies a real token of its own group."
+    B, H, T, d = x.shape; vg = valid.view(B, 1, T // group, group, 1); xg = x.view(B, H, T // group, group, d)
+    first = xg.gather(3, vg.long().argmax(3, keepdim=True).expand(B, H, -1, 1, d))
+    return torch.where(vg, xg, first).view(B, H, T, d)
+
+# %% ../nbs/03a_baselines.ipynb #484f8b1d
 def kivi_encode(x:torch.Tensor, # `[B, H, Tq, d]` float32, Tq a multiple of `group` for keys
-                role:str, bits:int, group:int
+                role:str, bits:int, group:int,
+                valid:torch.Tensor|None=None # `[B, Tq]` bool, False = padding: left out of the key groups' ranges
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: # (codes `[B,H,Tq,d]` long, scale, zero fp16)
     "Asymmetric group quantization: keys per channel over `group` tokens, values per token over `group` channels."
     B, H, T, d = x.shape; qmax = 2**bits - 1
+    if role == 'k' and valid is not None: x = fill_pads(x, valid, group)
     if role == 'k': xg = x.view(B, H, T // group, group, d); red = 3
     else:
         pad = -d % group; xv = torch.cat([x, x[..., -1:].expand(B, H, T, pad)], -1) if pad else x
         xg = xv.unflatten(-1, (-1, group)); red = 4
     mn, mx = xg.amin(red, keepdim=True), xg.amax(red, keepdim=True)
-    zero, scale = _fp16(mn, 'zero points'), _fp16((mx - mn) / qmax, 'scales')
+    zero, scale = fp16_values(mn, 'zero points'), fp16_values((mx - mn) / qmax, 'scales')
     s = scale.float()
     c = torch.where(s > 0, ((xg - zero.float()) / s.clamp_min(1e-30)).round(), 0.).clamp(0, qmax).long()
     c = c.flatten(2, 3) if role == 'k' else c.flatten(-2)[..., :d]
@@ -120,8 +136,7 @@ class KIVIPacked(Packed):
     @classmethod
     def cat(cls, pieces:list) -> 'KIVIPacked':
         "Join writes along T: the fp16 tail (old residual + new tokens) is re-split into full groups and a new residual."
-        a = pieces[0]
-        for o in pieces[1:]: a._check_cat(o, 'role', 'bits', 'group', 'window')
+        a = cls.check_pieces(pieces, 'role', 'bits', 'group', 'window')
         B, H, _, d = a.shape
         # a piece's own quantized groups come after the previous residual: decode them (exact for decode steps,
         # which are all residual; a prefill split re-quantizes the later piece's groups once)
@@ -133,12 +148,13 @@ class KIVIPacked(Packed):
                                    zero=torch.cat([a.zero, z], 2), residual=tail[:, :, Tq:].half())
 
 def _kivi_all(p:KIVIPacked) -> torch.Tensor:
-    d = p.shape[3]; Tq = p.codes.shape[2]
+    d = p.shape[3]
     return torch.cat([kivi_decode(unpack_bits(p.codes, p.bits, d), p.scale, p.zero, p.role, p.group), p.residual.float()], 2)
 
 # %% ../nbs/03a_baselines.ipynb #85edb4b4
 class KIVI(KVQuantizer):
     "KIVI-style asymmetric quantizer: keys per channel, values per token, groups of `group`, fp16 residual window."
+    family = 'KIVI-style'
     def __init__(self, bits:int, # code bits, 1..8
                  group:int=32, # group size (tokens for keys, channels for values)
                  residual:int=128 # recent tokens kept in fp16 (KIVI's R)
@@ -147,30 +163,39 @@ class KIVI(KVQuantizer):
         self.bits, self.group, self.residual = bits, group, residual
     @property
     def name(self): return f"kivi{self.bits}"
+    def identity(self): return ('KIVI', self.bits, self.group, self.residual)
 
-    def quantize(self, x:torch.Tensor, layer:int, role:str) -> KIVIPacked:
-        "Quantize the oldest whole groups of the write, keep the rest (≥ `residual` tokens) in fp16."
-        check_kv(x, layer, role); B, H, T, d = x.shape
-        Tq = max(0, (T - self.residual) // self.group * self.group)
-        c, s, z = kivi_encode(x[:, :, :Tq].float(), role, self.bits, self.group)
-        return KIVIPacked(tuple(x.shape), x.dtype, pack_bits(c, self.bits), s, z, _fp16(x[:, :, Tq:].float(), 'values'),
-                          role, self.bits, self.group, self.residual)
+# %% ../nbs/03a_baselines.ipynb #ae0517c1
+@patch
+def quantize(self:KIVI, x:torch.Tensor, layer:int, role:str,  # noqa: F811 (one method per class, patched)
+             valid:torch.Tensor|None=None # `[B, T]` bool, False = padding (left out of the key groups' ranges)
+            ) -> KIVIPacked:
+    "Quantize the oldest whole groups of `x` `[B, H, T, d]`, keep the rest (≥ `residual` tokens) in fp16."
+    check_kv(x, layer, role); check_valid(valid, x); B, H, T, d = x.shape
+    Tq = max(0, (T - self.residual) // self.group * self.group)
+    c, s, z = kivi_encode(x[:, :, :Tq].float(), role, self.bits, self.group, None if valid is None else valid[:, :Tq])
+    return KIVIPacked(tuple(x.shape), x.dtype, pack_bits(c, self.bits, check=False), s, z, fp16_values(x[:, :, Tq:].float(), 'values'),
+                      role, self.bits, self.group, self.residual, fingerprint=self.fingerprint)
 
-    def dequantize(self, p:KIVIPacked) -> torch.Tensor:
-        if not isinstance(p, KIVIPacked) or (p.bits, p.group, p.window) != (self.bits, self.group, self.residual):
-            raise ValueError(f"`p` must be a KIVIPacked made by {self.name} (group {self.group}, residual {self.residual})")
-        return _kivi_all(p).to(p.dtype)
+@patch
+def dequantize(self:KIVI, p:KIVIPacked) -> torch.Tensor:  # noqa: F811 (one method per class, patched)
+    "Decode the quantized groups and append the fp16 residual."
+    self.check_packed(p, KIVIPacked)
+    if (p.bits, p.group, p.window) != (self.bits, self.group, self.residual):
+        raise ValueError(f"`p` must be a KIVIPacked made by {self.name} (group {self.group}, residual {self.residual})")
+    return _kivi_all(p).to(p.dtype)
 
-    def bits_per_element(self, head_dim:int, outlier_frac:float=0., tokens:int|None=None, role:str|None=None) -> dict:
-        "Headline b; true = quantized part with scale/zero overhead + fp16 residual (K/V average if `role` is None); layout adds byte padding."
-        b, d, G = self.bits, head_dim, self.group
-        if tokens is None: fq = 1.
-        else: fq = max(0, (tokens - self.residual) // G * G) / tokens
-        ovh = {'k': 32 / G, 'v': 32 * -(-d // G) / d}
-        code = {'true': b, 'layout': 8 * -(-d * b // 8) / d}
-        roles = [role] if role else ['k', 'v']
-        out = {k: sum(fq * (cb + ovh[r]) + (1 - fq) * 16 for r in roles) / len(roles) for k, cb in code.items()}
-        return dict(headline=float(b), **out)
+# %% ../nbs/03a_baselines.ipynb #0525e9a5
+@patch
+def bits_per_element(self:KIVI, head_dim:int, outlier_frac:float=0., tokens:int|None=None, role:str|None=None) -> dict:  # noqa: F811 (one method per class, patched)
+    "Headline b; true = quantized part with scale/zero overhead + fp16 residual (K/V average if `role` is None); layout adds byte padding."
+    check_int(head_dim, 'head_dim', 1); b, d, G = self.bits, head_dim, self.group
+    fq = 1. if tokens is None else max(0, (check_int(tokens, 'tokens', 1) - self.residual) // G * G) / tokens
+    ovh = {'k': 32 / G, 'v': 32 * -(-d // G) / d}
+    code = {'true': b, 'layout': 8 * -(-d * b // 8) / d}
+    roles = [role] if role else ['k', 'v']
+    out = {k: sum(fq * (cb + ovh[r]) + (1 - fq) * 16 for r in roles) / len(roles) for k, cb in code.items()}
+    return dict(headline=float(b), **out)
 
 # %% ../nbs/03a_baselines.ipynb #301b572f
 def sphere_coord_density(d:int, n:int=20001) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,6 +204,7 @@ def sphere_coord_density(d:int, n:int=20001) -> tuple[torch.Tensor, torch.Tensor
     w = (1 - t**2).clamp_min(0) ** ((d - 3) / 2) if d > 1 else torch.ones_like(t)
     return t, w / w.sum()
 
+# %% ../nbs/03a_baselines.ipynb #af7340fa
 def _cell_sums(t, cums, thresholds):
     "Per-cell sums of w·t^k (k = 0, 1, 2) for cells split at `thresholds` `[..., L-1]`, via prefix sums: `[3, ..., L]`."
     idx = torch.searchsorted(t, thresholds.contiguous(), right=True)
@@ -190,6 +216,7 @@ def _prefix(d):
     t, w = sphere_coord_density(d); z = torch.zeros(1, dtype=torch.float64)
     return t, [torch.cat([z, (w * t**k).cumsum(0)]) for k in range(3)]
 
+# %% ../nbs/03a_baselines.ipynb #ce8ab14c
 @functools.lru_cache(maxsize=None)
 def _lloyd(d, bits, iters):
     t, cums = _prefix(d); sd = math.sqrt(cums[2][-1])
@@ -205,6 +232,7 @@ def lloyd_max(d:int, bits:int, iters:int=1000) -> torch.Tensor:
     "Lloyd-Max centroids (2^bits, ascending, float64) for one rotated coordinate in R^d (cell sums from prefix sums)."
     return _lloyd(d, bits, iters).clone()
 
+# %% ../nbs/03a_baselines.ipynb #f91ee3a6
 @functools.lru_cache(maxsize=None)
 def _uniform(d, bits):
     t, cums = _prefix(d); L = 2**bits
@@ -241,49 +269,60 @@ class TQPacked(Packed):
     @classmethod
     def cat(cls, pieces:list) -> 'TQPacked':
         "Join writes along T (everything is per token)."
-        a = pieces[0]
-        for o in pieces[1:]: a._check_cat(o, 'bits')
+        a = cls.check_pieces(pieces, 'bits')
         return dataclasses.replace(a, shape=(*a.shape[:2], sum(p.shape[2] for p in pieces), a.shape[3]),
                                    codes=torch.cat([p.codes for p in pieces], 2), norm=torch.cat([p.norm for p in pieces], 2))
 
+# %% ../nbs/03a_baselines.ipynb #c5505c71
 class TurboQuantLike(KVQuantizer):
     "Data-oblivious: random rotation per head vector, per-coordinate scalar code, one fp16 norm per vector."
+    family = 'TurboQuant-style'
     def __init__(self, bits:int, # bits per coordinate, 1..8
                  rotation:str='orthogonal', # 'orthogonal' (Haar) or 'hadamard' (randomized, d a power of 2)
                  codebook:str='lloyd', # 'lloyd' (Lloyd-Max for the rotated-coordinate law) or 'uniform'
                  seed:int=0 # seed of the rotation
                 ):
-        check_int(bits, 'bits', 1, 8)
+        check_int(bits, 'bits', 1, 8); check_int(seed, 'seed', 0, 2**63 - 1)
         if rotation not in ('orthogonal', 'hadamard'): raise ValueError(f"`rotation` must be 'orthogonal' or 'hadamard', got {rotation!r}")
         if codebook not in ('lloyd', 'uniform'): raise ValueError(f"`codebook` must be 'lloyd' or 'uniform', got {codebook!r}")
         self.bits, self.rotation, self.codebook, self.seed, self._cache = bits, rotation, codebook, seed, {}
     @property
     def name(self): return f"tq{self.bits}" + ('' if self.codebook == 'lloyd' else '-unif')
+    def identity(self): return ('TurboQuantLike', self.bits, self.rotation, self.codebook, self.seed)
 
-    def tables(self, d:int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        "(rotation `[d, d]`, levels `[2^b]`, decision thresholds `[2^b - 1]`) on `device`, cached."
-        key = (d, str(device))
-        if key not in self._cache:
-            c = (lloyd_max if self.codebook == 'lloyd' else uniform_levels)(d, self.bits)
-            self._cache[key] = (random_rotation(d, self.rotation, self.seed).to(device), c.float().to(device), ((c[1:] + c[:-1]) / 2).float().to(device))
-        return self._cache[key]
+# %% ../nbs/03a_baselines.ipynb #c891192d
+@patch
+def tables(self:TurboQuantLike, d:int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "(rotation `[d, d]`, levels `[2^b]`, decision thresholds `[2^b - 1]`) on `device`, cached."
+    key = (d, str(device))
+    if key not in self._cache:
+        c = (lloyd_max if self.codebook == 'lloyd' else uniform_levels)(d, self.bits)
+        self._cache[key] = (random_rotation(d, self.rotation, self.seed).to(device), c.float().to(device), ((c[1:] + c[:-1]) / 2).float().to(device))
+    return self._cache[key]
 
-    def quantize(self, x:torch.Tensor, layer:int, role:str) -> TQPacked:
-        "Rotate the unit direction, code each coordinate, keep the norm in fp16."
-        check_kv(x, layer, role); d = x.shape[3]
-        R, c, th = self.tables(d, x.device)
-        n = x.float().norm(dim=-1); y = (x.float() / n.clamp_min(1e-30)[..., None]) @ R.T
-        return TQPacked(tuple(x.shape), x.dtype, pack_bits(torch.bucketize(y, th), self.bits), _fp16(n, 'vector norms'), self.bits)
+# %% ../nbs/03a_baselines.ipynb #e1ad4835
+@patch
+def quantize(self:TurboQuantLike, x:torch.Tensor, layer:int, role:str, valid:torch.Tensor|None=None) -> TQPacked:  # noqa: F811 (one method per class, patched)
+    "Rotate the unit direction, code each coordinate, keep the norm in fp16."
+    check_kv(x, layer, role); check_valid(valid, x); d = x.shape[3]
+    R, c, th = self.tables(d, x.device)
+    n = x.float().norm(dim=-1); y = (x.float() / n.clamp_min(1e-30)[..., None]) @ R.T
+    return TQPacked(tuple(x.shape), x.dtype, pack_bits(torch.bucketize(y, th), self.bits, check=False), fp16_scale(n, 'vector norms'), self.bits, fingerprint=self.fingerprint)
 
-    def dequantize(self, p:TQPacked) -> torch.Tensor:
-        if not isinstance(p, TQPacked) or p.bits != self.bits: raise ValueError(f"`p` must be a TQPacked made by {self.name}")
-        d = p.shape[3]; R, c, _ = self.tables(d, p.device)
-        return (p.norm.float()[..., None] * (c[unpack_bits(p.codes, self.bits, d)] @ R)).to(p.dtype)
+@patch
+def dequantize(self:TurboQuantLike, p:TQPacked) -> torch.Tensor:  # noqa: F811 (one method per class, patched)
+    "‖x‖ · Rᵀ ŷ in the original dtype."
+    self.check_packed(p, TQPacked)
+    if p.bits != self.bits: raise ValueError(f"`p` must be a TQPacked made by {self.name}")
+    d = p.shape[3]; R, c, _ = self.tables(d, p.device)
+    return (p.norm.float()[..., None] * (c[unpack_bits(p.codes, self.bits, d)] @ R)).to(p.dtype)
 
-    def bits_per_element(self, head_dim:int, outlier_frac:float=0., tokens:int|None=None, role:str|None=None) -> dict:
-        "Headline b, true b + 16/d (the norm), layout with byte-padded rows."
-        b, d = self.bits, head_dim
-        return dict(headline=float(b), true=b + 16 / d, layout=(8 * -(-d * b // 8) + 16) / d)
+# %% ../nbs/03a_baselines.ipynb #cafae094
+@patch
+def bits_per_element(self:TurboQuantLike, head_dim:int, outlier_frac:float=0., tokens:int|None=None, role:str|None=None) -> dict:  # noqa: F811 (one method per class, patched)
+    "Headline b, true b + 16/d (the norm), layout with byte-padded rows."
+    b, d = self.bits, check_int(head_dim, 'head_dim', 1)
+    return dict(headline=float(b), true=b + 16 / d, layout=(8 * -(-d * b // 8) + 16) / d)
 
 # %% ../nbs/03a_baselines.ipynb #d451ef57
 def bits_report(q:KVQuantizer, # the quantizer that made `p`
@@ -293,7 +332,7 @@ def bits_report(q:KVQuantizer, # the quantizer that made `p`
     d, T = p.shape[3], p.shape[2]
     outl = getattr(p, 'outliers', None)
     frac = len(outl) / max(1, p.numel // d * -(-d // 4)) if outl is not None else 0.
-    b = q.bits_per_element(outlier_frac=frac, tokens=T) if isinstance(q, HQMQ) else q.bits_per_element(d, outlier_frac=frac, tokens=T, role=getattr(p, 'role', None))
+    b = q.bits_per_element(d, outlier_frac=frac, tokens=T or None, role=getattr(p, 'role', None))   # one signature for every quantizer
     return dict(b, measured=p.bits_per_element)
 
 # %% ../nbs/03a_baselines.ipynb #b719adea
@@ -306,45 +345,39 @@ def method_grid(n_layers:int, n_kv_heads:int, head_dim:int) -> list:
             + [NaiveInt(b) for b in (3, 4, 5, 6, 8)] + [NaiveInt(b, 'med') for b in (3, 4, 5)]
             + [KIVI(b, residual=32) for b in (2, 3, 4)] + [TurboQuantLike(b) for b in (2, 3, 4, 5)])
 
-def family(q) -> str:
-    "Plot family of a quantizer."
-    if isinstance(q, HQMQ): return 'HQMQ' + ({'med': ' +Med3×', 'med_token': ' +Med3×(token)'}.get(q.outliers, ''))
-    if isinstance(q, NaiveInt): return 'int' + (' +Med3×' if q.outliers else '')
-    return {'KIVI': 'KIVI', 'TurboQuantLike': 'TurboQuant-like'}[type(q).__name__]
-
-def evaluate(quantizers:list, k:torch.Tensor, v:torch.Tensor, # K, V `[B, H_kv, T, d]` of one layer
-             q:torch.Tensor, layer:int=0, # queries `[B, H_q, T_q, d]` and the layer index passed to the quantizers
-             causal:bool=True) -> list:
+# %% ../nbs/03a_baselines.ipynb #5404ae49
+def evaluate_tensors(quantizers:list, k:torch.Tensor, v:torch.Tensor, # K, V `[B, H_kv, T, d]` of one layer
+                     q:torch.Tensor, layer:int=0, # queries `[B, H_q, T_q, d]` and the layer index passed to the quantizers
+                     causal:bool=True) -> list:
     "For each quantizer: measured bits (packed K+V bytes), relative MSE of K and V, and the attention-output error."
     rows = []
     for qz in quantizers:
         pk, pv = qz.quantize(k, layer, 'k'), qz.quantize(v, layer, 'v')
         kh, vh = qz.dequantize(pk), qz.dequantize(pv)
         mse = lambda a, b: ((a.float() - b.float()).pow(2).sum() / b.float().pow(2).sum()).item()
-        rows.append(dict(name=qz.name, family=family(qz), bits=8 * (pk.nbytes + pv.nbytes) / (k.numel() + v.numel()),
+        rows.append(dict(name=qz.name, family=qz.family, bits=8 * (pk.nbytes + pv.nbytes) / (k.numel() + v.numel()),
                          mse_k=mse(kh, k), mse_v=mse(vh, v), attn=attention_error(k, v, kh, vh, q, causal=causal)))
     return rows
 
 # %% ../nbs/03a_baselines.ipynb #f79395cf
-MARKERS = {'HQMQ': 'o', 'HQMQ +Med3×': 's', 'HQMQ +Med3×(token)': 'D', 'int': 'v', 'int +Med3×': '^', 'KIVI': 'P', 'TurboQuant-like': 'X'}
-
 def plot_rows(rows:list, title:str, xmax:float=9.):
     "Error vs measured bits per family: relative MSE (K and V averaged) and attention-output error."
+    import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, 2, figsize=(10, 3.6))
-    for fam, mk in MARKERS.items():
+    for fam, (col, mk) in FAMILY_STYLE.items():
         pts = sorted([r for r in rows if r['family'] == fam and r['bits'] <= xmax], key=lambda r: r['bits'])
         if not pts: continue
         for ax, key in zip(axs, ('mse', 'attn')):
             ys = [(r['mse_k'] + r['mse_v']) / 2 if key == 'mse' else r['attn'] for r in pts]
-            ax.plot([r['bits'] for r in pts], ys, marker=mk, label=fam)
+            ax.plot([r['bits'] for r in pts], ys, marker=mk, color=col, label=fam)
     for ax, t in zip(axs, ('relative MSE (K, V mean)', 'attention output rel. error')):
         ax.set_yscale('log'); ax.set_xlabel('measured bits / element (packed bytes)'); ax.set_title(f"{t} — {title}", fontsize=9); ax.grid(alpha=.3)
-    axs[1].legend(fontsize=7); plt.tight_layout(); plt.show()
+    axs[1].legend(fontsize=7); plt.tight_layout(); return fig
 
 def print_rows(rows:list):
-    "A compact table of `evaluate` rows, sorted by family then bits."
+    "A compact table of `evaluate_tensors` rows, sorted by family then bits."
     print(f"{'config':22s} {'bits':>6s} {'mse K':>9s} {'mse V':>9s} {'attn':>9s}")
-    for r in sorted(rows, key=lambda r: (list(MARKERS).index(r['family']), r['bits'])):
+    for r in sorted(rows, key=lambda r: (list(FAMILY_STYLE).index(r['family']), r['bits'])):
         print(f"{r['name']:22s} {r['bits']:6.3f} {r['mse_k']:9.5f} {r['mse_v']:9.5f} {r['attn']:9.5f}")
 
 # %% ../nbs/03a_baselines.ipynb #9fdba763

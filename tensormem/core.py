@@ -4,13 +4,13 @@
 
 # %% ../nbs/00_core.ipynb #d4c22910
 from __future__ import annotations
-import os, random
+import importlib, os, random
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IN_TEST', 'IN_COLAB', 'default_device', 'seed_everything', 'check_tensor', 'check_int', 'UsageError',
-           'interact_or_static']
+__all__ = ['IN_TEST', 'IN_COLAB', 'EXTRAS', 'default_device', 'seed_everything', 'check_tensor', 'check_int', 'UsageError',
+           'require', 'interact_or_static', 'doc_links']
 
 # %% ../nbs/00_core.ipynb #6ccf012f
 IN_TEST = bool(os.environ.get('IN_TEST'))   # set by `nbdev_test`; notebooks shrink their runs
@@ -60,6 +60,19 @@ def check_int(v, name:str, # the value, and the argument name used in the error
 class UsageError(ValueError):
     "A user error in a console job's options: `tensormem` prints the message on one line and exits 2."
 
+# %% ../nbs/00_core.ipynb #087beb73
+EXTRAS = {'transformers': 'hf', 'accelerate': 'hf', 'gguf': 'hf', 'tqdm': 'hf', 'triton': 'gpu'}  # import name -> pip extra
+
+def require(module:str, # what to import, e.g. 'transformers' or 'transformers.cache_utils'
+            extra:str|None=None # the pip extra that installs it; looked up in `EXTRAS` when None
+           ):
+    "Import and return `module`; when its package is missing, raise an ImportError naming the extra that installs it."
+    try: return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        top = module.split('.')[0]
+        if e.name != top: raise   # a submodule, or another package missing inside it: not ours to name
+        raise ImportError(f"`{top}` is not installed: pip install \"tensormem[{extra or EXTRAS.get(top, 'all')}]\"", name=top) from None
+
 # %% ../nbs/00_core.ipynb #4928fdc4
 def interact_or_static(fn, # plotting function taking keyword arguments
                        **knobs # name=(default, widget abbreviation) e.g. S=(24, [6, 24, 96])
@@ -71,3 +84,33 @@ def interact_or_static(fn, # plotting function taking keyword arguments
     try: import ipywidgets as W
     except ImportError: return fn(**defaults)
     return W.interact(fn, **{k: W.fixed(v[0]) if v[1] is None else v[1] for k, v in knobs.items()})
+
+# %% ../nbs/00_core.ipynb #6609d1e0
+def _plain_fences(md:str) -> str:
+    "Markdown `md` with the backticks dropped from the comments of lines inside ``` fences."
+    out, fence = [], False
+    for l in md.split('\n'):
+        if l.startswith('```'): fence = not fence
+        elif fence and ' # ' in l: code, _, com = l.partition(' # '); l = f"{code} # {com.replace('`', '')}"
+        out.append(l)
+    return '\n'.join(out)
+
+# %% ../nbs/00_core.ipynb #9380e1c3
+def _ambiguous() -> set:
+    "Names defined in more than one tensormem module: a bare `name` cannot say which one it means."
+    from collections import Counter
+    from tensormem._modidx import d
+    n = Counter(k[len(m)+1:] for m, syms in d['syms'].items() for k in syms)
+    return {k for k, c in n.items() if c > 1}
+
+# %% ../nbs/00_core.ipynb #f03ee0c3
+def doc_links(cell):
+    "nbdev docs processor: nbdev's `add_links` without links in output code fences, to private or ambiguous names."
+    from nbdev.doclinks import NbdevLookup   # nbdev is a dev requirement: imported only when docs are built
+    nl, skip = NbdevLookup(), _ambiguous()
+    link = nl._link_sym
+    nl._link_sym = lambda m: m.group(0) if m.group(1).startswith('_') or m.group(1) in skip else link(m)
+    if cell.cell_type == 'markdown': cell.source = nl.linkify(cell.source)
+    for o in cell.get('outputs', []):
+        md = o.get('data', {}).get('text/markdown')
+        if md: o['data']['text/markdown'] = _plain_fences(nl.linkify(''.join(md) if isinstance(md, list) else md))

@@ -4,20 +4,21 @@
 
 # %% ../nbs/09_hqmq_eval.ipynb #e8d15378
 from __future__ import annotations
-import argparse, inspect, math, statistics, time
+import argparse, math, statistics, time
 from dataclasses import dataclass
 from typing import Callable
 import torch
-from .core import IN_TEST, default_device
+from .core import UsageError
 from .hf_cache import QuantizedKVCache, CastQuantizer, load_smollm2
 from .perplexity import jargon_text, token_stream, windows, perplexity
 from .hqmq import HQMQ
 from .baselines import NaiveInt, KIVI, TurboQuantLike
+from .quant import FAMILY_STYLE, MED3_SUFFIX
 
 # %% auto #0
-__all__ = ['FAMILY_STYLE', 'Method', 'geometry', 'hqmq_method', 'paper_methods', 'outlier_fraction', 'claimed_bits',
-           'evaluate_method', 'evaluate', 'format_table', 'dominated_by', 'target_report', 'pareto_plot', 'seed_spread',
-           'greedy_agreement', 'decode_speed', 'main']
+__all__ = ['Method', 'geometry', 'hqmq_method', 'paper_methods', 'outlier_fraction', 'claimed_bits', 'evaluate_method',
+           'evaluate_model', 'format_table', 'gap_interval', 'target_verdict', 'dominated_by', 'target_report',
+           'pareto_plot', 'seed_spread', 'greedy_agreement', 'decode_speed', 'parser', 'parse_options', 'main']
 
 # %% ../nbs/09_hqmq_eval.ipynb #cacf97a5
 @dataclass
@@ -33,9 +34,9 @@ def geometry(config) -> tuple[int, int, int]:
 def hqmq_method(S:int, b:int, # secondary codebook size and radius bits
                 outliers:str|None=None, # None, 'med' (paper Med3×) or a batch-invariant mode
                 seed:int=42, C:float=3.0, name:str|None=None) -> Method:
-    "An HQMQ row `s{S}r{b}` (+Med3×) for any model geometry."
-    nm = name or f"s{S}r{b}" + ({'med': '+Med3×'}.get(outliers, f'+{outliers}') if outliers else '')
-    return Method(nm, 'HQMQ+Med3×' if outliers else 'HQMQ', lambda cfg: HQMQ(S, b, *geometry(cfg), seed=seed, outliers=outliers, C=C))
+    "An HQMQ row named and grouped like the quantizer (`s{S}r{b}`, `+med`; family `HQMQ`, `HQMQ+Med3×`...) for any model geometry."
+    nm = name or f"s{S}r{b}" + (f"+{outliers}" if outliers else '')
+    return Method(nm, 'HQMQ' + MED3_SUFFIX.get(outliers, ''), lambda cfg: HQMQ(S, b, *geometry(cfg), seed=seed, outliers=outliers, C=C))
 
 # %% ../nbs/09_hqmq_eval.ipynb #99708190
 def paper_methods(seed:int=42, # seed of HQMQ's secondary codebooks and of the TurboQuant rotation
@@ -44,11 +45,11 @@ def paper_methods(seed:int=42, # seed of HQMQ's secondary codebooks and of the T
     "The paper-style table: fp16; naive int ± Med3×; HQMQ configs (± Med3×); KIVI-style; TurboQuant-style."
     ms = [Method('fp16', 'fp16', lambda cfg: CastQuantizer(torch.float16))]
     ms += [Method(f'int{b}', 'naive int', lambda cfg, b=b: NaiveInt(b)) for b in (4, 3, 2)]
-    ms += [Method(f'int{b}+Med3×', 'naive int+Med3×', lambda cfg, b=b: NaiveInt(b, 'med')) for b in (4, 3, 2)]
+    ms += [Method(f'int{b}+med', 'naive int+Med3×', lambda cfg, b=b: NaiveInt(b, 'med')) for b in (4, 3, 2)]
     ms += [hqmq_method(S, b, seed=seed) for S, b in ((24, 3), (48, 4), (96, 4), (192, 4), (192, 6))]
     ms += [hqmq_method(S, 6, 'med', seed=seed) for S in (24, 96, 192)]
-    ms += [Method(f'KIVI-{b}', 'KIVI-style', lambda cfg, b=b: KIVI(b, group=32, residual=kivi_residual)) for b in (2, 4)]
-    ms += [Method(f'TQ-{b}', 'TurboQuant-style', lambda cfg, b=b: TurboQuantLike(b, seed=seed)) for b in (3, 4)]
+    ms += [Method(f'kivi{b}', 'KIVI-style', lambda cfg, b=b: KIVI(b, group=32, residual=kivi_residual)) for b in (2, 4)]
+    ms += [Method(f'tq{b}', 'TurboQuant-style', lambda cfg, b=b: TurboQuantLike(b, seed=seed)) for b in (3, 4)]
     return ms
 
 # %% ../nbs/09_hqmq_eval.ipynb #9ff0545f
@@ -64,15 +65,14 @@ def outlier_fraction(cache:QuantizedKVCache) -> tuple[int, int]:
                 out += 0 if o is None else o.shape[0]
     return out, chunks
 
+# %% ../nbs/09_hqmq_eval.ipynb #a66679fb
 def claimed_bits(q, # a quantizer
                  head_dim:int, outlier_frac:float=0., tokens:int|None=None) -> dict:
     "Headline and true bits per element from the quantizer's own `bits_per_element` (fp stores: their width)."
     if isinstance(q, CastQuantizer):
         b = 16. if q.dtype is None else 8. * torch.tensor([], dtype=q.dtype).element_size()
         return dict(headline=b, true=b)
-    f = q.bits_per_element; ps = inspect.signature(f).parameters
-    kw = {k: v for k, v in dict(head_dim=head_dim, outlier_frac=outlier_frac, tokens=tokens).items() if k in ps}
-    return f(**kw)
+    return q.bits_per_element(head_dim, outlier_frac=outlier_frac, tokens=tokens)
 
 # %% ../nbs/09_hqmq_eval.ipynb #9843884f
 def evaluate_method(model, # causal LM taking `cache=`
@@ -81,59 +81,81 @@ def evaluate_method(model, # causal LM taking `cache=`
                     batch_size:int=1, # windows per forward (Med3×'s per-write median sees the whole batch)
                     sink_tokens:int=0, # first tokens kept unquantized (attention sinks)
                     fp_layers=(), # layer indices kept unquantized
-                    progress:bool=False # transient tqdm bar
+                    progress:bool=False # transient tqdm bar over batches
                    ) -> dict:
-    "Perplexity, bits (headline / true / measured), bytes per window and outlier fraction of one method."
+    "Perplexity, per-batch NLL, bits (headline / true / measured), bytes per window and outlier fraction of one method."
+    from tqdm.auto import tqdm
     q = method.make(model.config); caches, oc = [], [0, 0]
     def make(cfg):
         while caches: o, c = outlier_fraction(caches.pop()); oc[0] += o; oc[1] += c
         caches.append(QuantizedKVCache(cfg, q, sink_tokens=sink_tokens, fp_layers=fp_layers)); return caches[-1]
-    r = perplexity(model, wins, make, batch_size=batch_size, progress=progress, desc=method.name)
+    rs = [perplexity(model, wins[i:i+batch_size], make, batch_size=batch_size, progress=False)
+          for i in tqdm(range(0, len(wins), batch_size), desc=method.name, leave=False, disable=not progress)]
     o, c = outlier_fraction(caches.pop()); p = (oc[0] + o) / max(oc[1] + c, 1)
-    bits = claimed_bits(q, geometry(model.config)[2], p, wins.shape[1])
-    return dict(name=method.name, family=method.family, headline=bits['headline'], true=bits['true'], measured=r.bits,
-                bytes=r.cache_bytes, ppl=r.ppl, outlier_frac=p, seconds=r.seconds)
+    bits, nll, tok = claimed_bits(q, geometry(model.config)[2], p, wins.shape[1]), [r.nll for r in rs], [r.tokens for r in rs]
+    return dict(name=method.name, family=method.family, headline=bits['headline'], true=bits['true'], measured=statistics.mean(r.bits for r in rs),
+                bytes=statistics.mean(r.cache_bytes for r in rs), ppl=math.exp(sum(nll) / sum(tok)), outlier_frac=p,
+                seconds=sum(r.seconds for r in rs), nll=nll, tokens=tok)
 
 # %% ../nbs/09_hqmq_eval.ipynb #8f7d329c
-def evaluate(model, wins:torch.Tensor, # the LM and windows `[N, L]`
-             methods:list[Method], # rows to run, in order
-             progress:bool=True, **kw) -> list[dict]:
-    "Run every method; add `gap` = ppl / ppl(fp16 row) − 1 when an `fp16` row is present."
+def evaluate_model(model, wins:torch.Tensor, # the LM and windows `[N, L]`
+                   methods:list[Method], # rows to run, in order
+                   progress:bool=True, **kw) -> list[dict]:
+    "Run every method on the model; add `gap` = ppl / ppl(fp16 row) − 1 when an `fp16` row is present."
     from tqdm.auto import tqdm
     rows = [evaluate_method(model, wins, m, progress=False, **kw) for m in tqdm(methods, desc='methods', leave=False, disable=not progress)]
     ref = next((r['ppl'] for r in rows if r['name'] == 'fp16'), None)
     for r in rows: r['gap'] = r['ppl'] / ref - 1 if ref else float('nan')
     return rows
 
+# %% ../nbs/09_hqmq_eval.ipynb #632fd414
 def format_table(rows:list[dict]) -> str:
     "A plain-text table: method, headline / true / measured bits, KiB per window, ppl and gap to fp16."
-    head = f"{'method':14s} {'headline':>8s} {'true':>6s} {'measured':>8s} {'KiB/win':>8s} {'ppl':>9s} {'vs fp16':>8s}"
+    head = f"{'method':16s} {'headline':>8s} {'true':>6s} {'measured':>8s} {'KiB/win':>8s} {'ppl':>9s} {'vs fp16':>8s}"
     lines = [head, '-' * len(head)]
     for r in rows:
-        lines.append(f"{r['name']:14s} {r['headline']:8.2f} {r['true']:6.2f} {r['measured']:8.2f} {r['bytes']/1024:8.0f} "
+        lines.append(f"{r['name']:16s} {r['headline']:8.2f} {r['true']:6.2f} {r['measured']:8.2f} {r['bytes']/1024:8.0f} "
                      f"{r['ppl']:9.3f} {100*r['gap']:+7.2f}%")
     return '\n'.join(lines)
 
 # %% ../nbs/09_hqmq_eval.ipynb #8d60ac72
+def gap_interval(r:dict, ref:dict, # a row and the fp16 row of `evaluate_model`, on the same windows
+                 level:float=0.95, n_boot:int=2000, seed:int=0) -> tuple[float, float]|None:
+    "Paired bootstrap over windows of r's gap to `ref` (ppl_r / ppl_ref − 1): the `level` interval, None with < 2 windows."
+    a, b, t = (torch.tensor(x, dtype=torch.float64) for x in (r['nll'], ref['nll'], ref['tokens']))
+    if list(r['tokens']) != list(ref['tokens']): raise ValueError("`r` and `ref` must come from the same windows (their `tokens` differ)")
+    if len(t) < 2: return None
+    i = torch.randint(0, len(t), (n_boot, len(t)), generator=torch.Generator().manual_seed(seed))
+    gaps = torch.exp((a[i].sum(1) - b[i].sum(1)) / t[i].sum(1)) - 1
+    lo, hi = torch.quantile(gaps, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return lo, hi
+
+# %% ../nbs/09_hqmq_eval.ipynb #546c4288
+def target_verdict(rows:list[dict], # rows from `evaluate_model`, with an fp16 row
+                   max_bits:float=5.3, max_gap:float=0.01, # the target: gap ≤ max_gap at ≤ max_bits measured bits
+                   min_tokens:int=500, **boot) -> str: # fewer predicted tokens: cannot judge; `boot` goes to `gap_interval`
+    "YES / NO / cannot judge, each row on its paired-bootstrap 95 % interval of the gap to fp16."
+    head = f"within {100*max_gap:.0f}% of fp16 at ≤ {max_bits} bits:"; ref = next((r for r in rows if r['name'] == 'fp16'), None)
+    if ref is None or 'nll' not in ref: return f"{head} cannot judge — no fp16 row with per-window NLL"
+    n, tok = len(ref['tokens']), sum(ref['tokens'])
+    if n < 2 or tok < min_tokens: return f"{head} cannot judge — {n} window(s), {tok} predicted tokens; a verdict needs ≥ 2 windows and ≥ {min_tokens} tokens"
+    cand = [(r, gap_interval(r, ref, **boot)) for r in rows if r is not ref and r['measured'] <= max_bits]
+    fmt = lambda r, ci: f"{r['name']} ({r['measured']:.2f} b, {100*r['gap']:+.2f}%, 95% CI [{100*ci[0]:+.2f}, {100*ci[1]:+.2f}]%)"
+    yes = sorted([(r, ci) for r, ci in cand if ci[1] <= max_gap], key=lambda x: x[0]['measured'])
+    if yes: return f"{head} YES — " + ', '.join(fmt(*x) for x in yes)
+    if all(ci[0] > max_gap for _, ci in cand): return f"{head} NO" + (f" — closest {fmt(*min(cand, key=lambda x: x[0]['gap']))}" if cand else '')
+    return f"{head} cannot judge — the 95% intervals of " + ', '.join(fmt(*x) for x in cand if x[1][0] <= max_gap) + " contain it"
+
+# %% ../nbs/09_hqmq_eval.ipynb #83327962
 def dominated_by(r:dict, rows:list[dict], family:str='HQMQ') -> dict|None:
     "The cheapest row of `family` (prefix) with measured bits ≤ and ppl ≤ those of `r`, or None."
     c = [o for o in rows if o['family'].startswith(family) and o['measured'] <= r['measured'] and o['ppl'] <= r['ppl']]
     return min(c, key=lambda o: o['measured']) if c else None
 
-def target_report(rows:list[dict], # rows from `evaluate` (with an fp16 row)
-                  max_bits:float=5.3, max_gap:float=0.01) -> str:
-    "BENCH.md §3 checks: best config within `max_gap` of fp16 at ≤ `max_bits` measured bits; HQMQ vs naive int."
-    ok = [r for r in rows if r['name'] != 'fp16' and r['measured'] <= max_bits and r['gap'] <= max_gap]
-    lines = []
-    if ok:
-        b = min(ok, key=lambda r: r['measured'])
-        lines.append(f"within {100*max_gap:.0f}% of fp16 at ≤ {max_bits} bits: YES — {', '.join(r['name'] for r in ok)} "
-                     f"(cheapest {b['name']}: {b['measured']:.2f} bits, {100*b['gap']:+.2f}%)")
-    else:
-        c = [r for r in rows if r['name'] != 'fp16' and r['measured'] <= max_bits]
-        b = min(c, key=lambda r: r['gap']) if c else None
-        lines.append(f"within {100*max_gap:.0f}% of fp16 at ≤ {max_bits} bits: NO" +
-                     (f" — closest {b['name']} {b['measured']:.2f} bits, {100*b['gap']:+.2f}%" if b else ''))
+def target_report(rows:list[dict], # rows from `evaluate_model` (with an fp16 row)
+                  **kw) -> str: # `max_bits`, `max_gap`, `min_tokens`, bootstrap options for `target_verdict`
+    "The targets: `target_verdict`, then each naive-int row and the cheapest HQMQ row that dominates it (or none)."
+    lines = [target_verdict(rows, **kw)]
     for r in rows:
         if r['family'].startswith('naive'):
             d = dominated_by(r, rows)
@@ -142,11 +164,7 @@ def target_report(rows:list[dict], # rows from `evaluate` (with an fp16 row)
     return '\n'.join(lines)
 
 # %% ../nbs/09_hqmq_eval.ipynb #2d67a591
-FAMILY_STYLE = {'fp16': ('black', 's'), 'naive int': ('tab:gray', 'o'), 'naive int+Med3×': ('tab:brown', 'v'),
-                'HQMQ': ('tab:blue', 'D'), 'HQMQ+Med3×': ('tab:purple', 'P'), 'KIVI-style': ('tab:green', '^'),
-                'TurboQuant-style': ('tab:orange', 'X')}
-
-def pareto_plot(rows:list[dict], # rows from `evaluate`
+def pareto_plot(rows:list[dict], # rows from `evaluate_model`
                 title:str='', ax=None):
     "Perplexity (log) vs measured bits per element, one marker per method, fp16 and +1 % as lines → the figure."
     import matplotlib.pyplot as plt
@@ -201,39 +219,48 @@ def decode_speed(model, prompt_ids:torch.Tensor, # `[1, T]` prompt
     return (new_tokens - 1) / statistics.median(ts)
 
 # %% ../nbs/09_hqmq_eval.ipynb #5aaaf8df
+class _Parser(argparse.ArgumentParser):
+    def error(self, message): raise UsageError(f"{self.prog}: {message}")
+
+def parser() -> argparse.ArgumentParser:
+    "The options of `tensormem eval hqmq`; a bad option raises `UsageError`."
+    ap = _Parser(prog='tensormem eval hqmq', allow_abbrev=False, description='Evaluate HQMQ and its peers on SmolLM2-135M + the Jargon File: table and Pareto plot.')
+    for flag, typ, default, help in (('--windows', int, 2, 'number of non-overlapping windows (paper: 50), ≥ 1'),
+            ('--length', int, 256, 'tokens per window (paper: 2048), ≥ 2'), ('--methods', str, '', 'comma-separated method names (default: all; see --list)'),
+            ('--seed', int, 42, 'HQMQ codebook / rotation seed'), ('--sinks', int, 0, 'first tokens kept unquantized'),
+            ('--device', str, None, 'cpu / cuda (default: cuda if available)'), ('--threads', int, None, 'torch CPU threads (1 is fastest on a crowded machine)'),
+            ('--out', str, 'hqmq_pareto.png', 'where to write the Pareto plot')): ap.add_argument(flag, type=typ, default=default, help=help)
+    ap.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='model weights dtype')
+    ap.add_argument('--list', action='store_true', help='list the method names and exit'); ap.add_argument('--quiet', action='store_true', help='no progress bar')
+    return ap
+
+# %% ../nbs/09_hqmq_eval.ipynb #533ddd88
+def parse_options(argv:list[str]|None) -> tuple[argparse.Namespace, list[Method]]:
+    "Parse and check the options; resolve `--methods` against `paper_methods` (a `UsageError` names what is wrong)."
+    ap = parser(); a = ap.parse_args(argv)
+    for v, flag, lo in ((a.windows, '--windows', 1), (a.length, '--length', 2), (a.sinks, '--sinks', 0), (a.seed, '--seed', 0), (a.threads or 1, '--threads', 1)):
+        if v < lo: ap.error(f"{flag} must be ≥ {lo}, got {v}")
+    ms = paper_methods(a.seed)
+    if a.methods:
+        want = [s.strip() for s in a.methods.split(',') if s.strip()]; names = {m.name: m for m in ms}
+        if bad := [w for w in want if w not in names]: ap.error(f"unknown method(s) {bad}; choose from {list(names)}")
+        ms = [names[w] for w in want]
+    return a, ms
+
+# %% ../nbs/09_hqmq_eval.ipynb #f5c07262
 def main(argv:list[str]|None=None # command-line arguments (None: `sys.argv[1:]`)
         ) -> int:
     "`tensormem eval hqmq`: evaluate HQMQ and its peers on SmolLM2-135M + the Jargon File; print the table, write the plot."
-    ap = argparse.ArgumentParser(prog='tensormem eval hqmq', description=main.__doc__)
-    ap.add_argument('--windows', type=int, default=2, help='number of non-overlapping windows (paper: 50)')
-    ap.add_argument('--length', type=int, default=256, help='tokens per window (paper: 2048)')
-    ap.add_argument('--methods', default='', help='comma-separated method names (default: all; see --list)')
-    ap.add_argument('--list', action='store_true', help='list the method names and exit')
-    ap.add_argument('--seed', type=int, default=42, help='HQMQ codebook / rotation seed')
-    ap.add_argument('--sinks', type=int, default=0, help='first tokens kept unquantized')
-    ap.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='model weights dtype')
-    ap.add_argument('--device', default=None, help='cpu / cuda (default: cuda if available)')
-    ap.add_argument('--threads', type=int, default=None, help='torch CPU threads (1 is fastest on a crowded machine)')
-    ap.add_argument('--out', default='hqmq_pareto.png', help='where to write the Pareto plot')
-    ap.add_argument('--quiet', action='store_true', help='no progress bar')
-    a = ap.parse_args(argv)
-    ms = paper_methods(a.seed)
+    a, ms = parse_options(argv)
     if a.list: print('\n'.join(m.name for m in ms)); return 0
-    if a.methods:
-        want = [s.strip() for s in a.methods.split(',') if s.strip()]; names = {m.name: m for m in ms}
-        bad = [w for w in want if w not in names]
-        if bad: ap.error(f"unknown method(s) {bad}; choose from {list(names)}")
-        ms = [names[w] for w in want]
     if a.threads: torch.set_num_threads(a.threads)
     model, tok = load_smollm2(getattr(torch, a.dtype), a.device)
     wins = windows(token_stream(tok, jargon_text()), a.length, a.windows)
-    t0 = time.perf_counter()
-    rows = evaluate(model, wins, ms, progress=not a.quiet, sink_tokens=a.sinks)
+    t0 = time.perf_counter(); rows = evaluate_model(model, wins, ms, progress=not a.quiet, sink_tokens=a.sinks)
     print(f"SmolLM2-135M-Instruct ({a.dtype}, {model.device}), Jargon File: {a.windows} windows × {a.length} tokens, "
           f"sinks {a.sinks}, {time.perf_counter()-t0:.0f} s\n")
     print(format_table(rows)); print(); print(target_report(rows))
     import matplotlib.pyplot as plt
     fig = pareto_plot(rows, f"SmolLM2-135M, Jargon File, {a.windows} × {a.length} tokens")
-    fig.savefig(a.out, dpi=120, bbox_inches='tight'); plt.close(fig)
-    print(f"\nwrote {a.out}")
+    fig.savefig(a.out, dpi=120, bbox_inches='tight'); plt.close(fig); print(f"\nwrote {a.out}")
     return 0

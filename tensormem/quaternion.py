@@ -10,7 +10,7 @@ from .core import check_tensor
 
 # %% auto #0
 __all__ = ['qmul', 'qmat_left', 'qconj', 'qnorm', 'qinv', 'hurwitz_units', 'hurwitz_table', 'nearest_hurwitz', 'qmat_right',
-           'best_product', 'covering_stats', 'demo']
+           'rotations', 'best_product', 'covering_stats', 'time_search', 'demo']
 
 # %% ../nbs/01_quaternion.ipynb #0b069ba4
 def _upcast(*qs):
@@ -18,6 +18,7 @@ def _upcast(*qs):
     dt = torch.promote_types(*[q.dtype for q in qs]) if len(qs) > 1 else qs[0].dtype
     return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
 
+# %% ../nbs/01_quaternion.ipynb #cbbba8a6
 def qmul(a:torch.Tensor, # left factor `[..., 4]` (w, x, y, z)
          b:torch.Tensor  # right factor `[..., 4]`, broadcastable with `a`
         ) -> torch.Tensor: # a ⊗ b, `[..., 4]` in the promoted input dtype
@@ -45,24 +46,34 @@ def qconj(q:torch.Tensor # `[..., 4]`
     check_tensor(q, 'q', last=4, finite=False, shape='[..., 4]')
     return q * q.new_tensor([1., -1., -1., -1.])
 
-def qnorm(q:torch.Tensor # `[..., 4]`
-         ) -> torch.Tensor: # `[...]` Euclidean norm
-    "Quaternion norm ‖q‖."
-    check_tensor(q, 'q', last=4, finite=False, shape='[..., 4]')
-    return torch.linalg.vector_norm(q.to(_upcast(q)), dim=-1).to(q.dtype)
+def _scaled(q):
+    "(m, q/m) with m the largest |component| (1 where q = 0), in the compute dtype: no overflow in squares."
+    x = q.to(_upcast(q)); m = x.abs().amax(-1, keepdim=True)
+    m = torch.where(m > 0, m, torch.ones_like(m)); return m, x / m
 
+# %% ../nbs/01_quaternion.ipynb #6b809084
+def qnorm(q:torch.Tensor # `[..., 4]`
+         ) -> torch.Tensor: # `[...]` Euclidean norm, in q's dtype
+    "Quaternion norm ‖q‖, computed without overflow or underflow in the squares."
+    check_tensor(q, 'q', last=4, finite=False, shape='[..., 4]')
+    m, x = _scaled(q); return (m[..., 0] * torch.linalg.vector_norm(x, dim=-1)).to(q.dtype)
+
+# %% ../nbs/01_quaternion.ipynb #8cae8fad
 def qinv(q:torch.Tensor # `[..., 4]`, nonzero
         ) -> torch.Tensor: # q⁻¹ with q ⊗ q⁻¹ = 1
-    "Quaternion inverse conj(q)/‖q‖²; raises on a zero quaternion."
-    n2 = (q.to(_upcast(q))**2).sum(-1, keepdim=True)
-    if bool((n2 == 0).any()): raise ValueError("`q` has a zero quaternion, which has no inverse")
-    return (qconj(q).to(n2.dtype) / n2).to(q.dtype)
+    "Quaternion inverse conj(q)/‖q‖²; raises on a zero quaternion or an inverse beyond the dtype's range."
+    check_tensor(q, 'q', last=4, finite=False, shape='[..., 4]')
+    if bool((q == 0).all(-1).any()): raise ValueError("`q` has a zero quaternion, which has no inverse")
+    m, x = _scaled(q); r = (qconj(x) / (m * (x * x).sum(-1, keepdim=True))).to(q.dtype)   # conj(q)/‖q‖² = conj(q/m) / (m ‖q/m‖²)
+    if bool((torch.isinf(r) & torch.isfinite(q)).any()): raise ValueError(f"`q` has a quaternion whose inverse overflows {q.dtype}")
+    return r
 
 # %% ../nbs/01_quaternion.ipynb #5f22cbc9
 def hurwitz_units(dtype:torch.dtype=torch.float32, # dtype of the table
                   device=None # device of the table
                  ) -> torch.Tensor: # `[24, 4]` in the reference index order
     "The 24 units of 2T: ±1, ±i, ±j, ±k, then ½(±1±i±j±k) in `itertools.product` sign order."
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point: raise TypeError(f"`dtype` must be a floating dtype (the half-units hold ½), got {dtype}")
     axis = [[(s if c == a else 0.) for c in range(4)] for a in range(4) for s in (1., -1.)]
     half = [[0.5*s for s in signs] for signs in itertools.product((1., -1.), repeat=4)]
     return torch.tensor(axis + half, dtype=dtype, device=device)
@@ -82,7 +93,7 @@ def nearest_hurwitz(u:torch.Tensor, # `[..., 4]` unit quaternions (any norm work
                    ) -> tuple[torch.Tensor, torch.Tensor]: # (index `[...]` long, unit `[..., 4]`)
     "Nearest element of 2T to each `u` in closed form (no search over the 24 units)."
     if check: check_tensor(u, 'u', last=4, shape='[..., 4]')
-    a, neg = u.abs(), u < 0
+    a, neg = u.to(_upcast(u)).abs(), u < 0                       # fp16: ½‖u‖₁ could overflow
     amax, ai = a.max(-1)
     axis_idx = 2*ai + neg.gather(-1, ai[..., None])[..., 0].long()
     half_idx = 8 + (neg.long() * u.new_tensor([8, 4, 2, 1], dtype=torch.long)).sum(-1)
@@ -98,19 +109,23 @@ def qmat_right(b:torch.Tensor # `[..., 4]`
                         torch.stack([y, -z, w, x], -1), torch.stack([z, y, -x, w], -1)], -2)
 
 # %% ../nbs/01_quaternion.ipynb #5f069c92
+def rotations(sec:torch.Tensor # `[*G, S, 4]` secondary units
+             ) -> torch.Tensor: # `[*G, 4, 4S]`: u @ W gives the S products u ⊗ conj(s) side by side
+    "The S right multiplications by conj(s), stacked into one matrix."
+    S = sec.shape[-2]
+    return qmat_right(qconj(sec)).transpose(-1, -2).movedim(-3, -2).reshape(*sec.shape[:-2], 4, 4*S)
+
+# %% ../nbs/01_quaternion.ipynb #b0cdefa1
 def best_product(u:torch.Tensor, # `[*G, N, 4]` unit directions (with `sec` `[S, 4]`: any `[..., 4]`)
                  sec:torch.Tensor, # `[S, 4]` secondary units, or `[*G, S, 4]`: one codebook per group G
-                 check:bool=True # validate inputs; the NaN scan is a quarter of encode time, so hot callers that
-                                 # validated once (HQMQ's encoder) pass False
+                 check:bool=True # validate inputs (hot callers that validated once pass False: the NaN scan costs a quarter of encode)
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: # (p index, s index, cosine), each `u.shape[:-1]`
     "argmax over p ∈ 2T, s ∈ sec of ⟨u, p ⊗ s⟩: S rotations u ⊗ conj(s) as one matmul, then the closed-form 2T."
     if check: check_tensor(u, 'u', last=4, shape='[*G, N, 4]'); check_tensor(sec, 'sec', last=4, shape='[S, 4] or [*G, S, 4]')
     if sec.ndim > 2 and u.ndim < sec.ndim: raise ValueError(f"`u` {tuple(u.shape)} needs the group dims of `sec` {tuple(sec.shape)} plus N")
     S, lead = sec.shape[-2], u.shape[:-1]
-    W = qmat_right(qconj(sec)).transpose(-1, -2).movedim(-3, -2).reshape(*sec.shape[:-2], 4, 4*S)
-    rot = ((u.reshape(-1, 4) if sec.ndim == 2 else u) @ W.to(u.dtype)).unflatten(-1, (S, 4))   # [..., N, S, 4]
-    a = rot.abs()
-    best, si = torch.maximum(a.amax(-1), 0.5*a.sum(-1)).max(-1)
+    rot = ((u.reshape(-1, 4) if sec.ndim == 2 else u) @ rotations(sec).to(u.dtype)).unflatten(-1, (S, 4))   # [..., N, S, 4]
+    a = rot.abs(); best, si = torch.maximum(a.amax(-1), 0.5*a.sum(-1)).max(-1)
     pi = nearest_hurwitz(rot.gather(-2, si[..., None, None].expand(*si.shape, 1, 4))[..., 0, :], check=False)[0]
     return pi.reshape(lead), si.reshape(lead), best.reshape(lead)
 
@@ -127,31 +142,36 @@ def covering_stats(S:int, # number of secondary units
     return ang.max().item(), ang.mean().item()
 
 # %% ../nbs/01_quaternion.ipynb #fee6cf7b
+def time_search(n:int=100_000, S:int=96, # directions and secondary codebook size
+                reps:int=7, seed:int=0 # repeats (the median is reported) and seed
+               ) -> dict: # {'brute', 'rot'} median seconds, and 'ratio' = brute / rot
+    "Median wall time of the matmul over all 24S codewords vs `best_product`, measured alternately in one run."
+    import time
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n, 4, generator=g); u = u / u.norm(dim=-1, keepdim=True)
+    sec = torch.randn(S, 4, generator=g); sec = sec / sec.norm(dim=-1, keepdim=True); book = qmul(hurwitz_units()[:, None], sec[None]).reshape(-1, 4)
+    fs, ts = {'brute': lambda: (u @ book.T).argmax(-1), 'rot': lambda: best_product(u, sec)}, {'brute': [], 'rot': []}
+    for f in fs.values(): f()                                              # warm-up
+    for _ in range(reps):
+        for k, f in fs.items(): t0 = time.perf_counter(); f(); ts[k].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[reps // 2] for k, v in ts.items()}; return dict(med, ratio=med['brute'] / med['rot'])
+
+# %% ../nbs/01_quaternion.ipynb #250bde49
 def demo(argv:list[str]|None=None # command-line options, see `--help`
         ) -> int: # exit status
     "Console demo: closed-form nearest 2T and the S-rotation search vs brute force, and the covering radius vs S."
-    import argparse, time
+    import argparse
     ap = argparse.ArgumentParser(prog='tensormem demo quaternion', description=demo.__doc__)
     ap.add_argument('--n', type=int, default=100_000, help='random directions'); ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--S', type=int, default=96, help='secondary codebook size for the search comparison')
-    a = ap.parse_args(argv)
-    g = torch.Generator().manual_seed(a.seed)
+    a = ap.parse_args(argv); g = torch.Generator().manual_seed(a.seed)
     u = torch.randn(a.n, 4, generator=g); u = u / u.norm(dim=-1, keepdim=True)
-    sec = torch.randn(a.S, 4, generator=g); sec = sec / sec.norm(dim=-1, keepdim=True)
-    P = hurwitz_units(); book = qmul(P[:, None], sec[None]).reshape(-1, 4)
-    def med(f, n=5):  # median wall time of n calls after one warm-up
-        f(); ts = []
-        for _ in range(n): t0 = time.perf_counter(); f(); ts.append(time.perf_counter() - t0)
-        return sorted(ts)[n//2]
-    t_brute, t_fast = med(lambda: (u @ book.T).argmax(-1)), med(lambda: best_product(u, sec))
-    jb = (u @ book.T).argmax(-1); pi, si, cs = best_product(u, sec)
-    agree = (pi*a.S + si == jb).float().mean().item()
-    gap = ((u @ book.T).max(-1).values - cs).abs().max().item()
-    print(f"S={a.S}: {24*a.S} codewords, {a.n} directions")
-    print(f"  median of 5: matmul over all codewords {t_brute*1e3:.1f} ms | S rotations + closed-form 2T {t_fast*1e3:.1f} ms"
-          f" | ratio {t_brute/t_fast:.2f}x")
-    print(f"  same codeword for {agree:.4%} of directions, max cosine gap {gap:.1e} (differences are exact ties)")
-    print("covering radius of {p⊗s} (Monte Carlo, degrees):")
+    sec = torch.randn(a.S, 4, generator=g); sec = sec / sec.norm(dim=-1, keepdim=True); book = qmul(hurwitz_units()[:, None], sec[None]).reshape(-1, 4)
+    jb, (pi, si, cs), tm = (u @ book.T).argmax(-1), best_product(u, sec), time_search(a.n, a.S, seed=a.seed)
+    print(f"S={a.S}: {24*a.S} codewords, {a.n} directions\n  median of 7, alternating: matmul over all codewords {tm['brute']*1e3:.1f} ms | "
+          f"S rotations + closed-form 2T {tm['rot']*1e3:.1f} ms | brute/rot {tm['ratio']:.2f}x")
+    print(f"  same codeword for {(pi*a.S + si == jb).float().mean().item():.4%} of directions, max cosine gap "
+          f"{((u @ book.T).max(-1).values - cs).abs().max().item():.1e} (differences are exact ties)\ncovering radius of {{p⊗s}} (Monte Carlo, degrees):")
     for S in (1, 6, 24, 96, 192):
         mx, mn = covering_stats(S, n=min(a.n, 20_000), seed=a.seed)
         print(f"  S={S:4d} codewords={24*S:5d} max {mx:5.1f}  mean {mn:5.2f}  index bits/element {math.log2(24*S)/4:.2f}")

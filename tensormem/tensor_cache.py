@@ -9,11 +9,11 @@ import torch, torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import store_attr, patch
 from .core import check_tensor, check_int
-from .fastweight import scan_states, check_rate
+from .fastweight import scan_states, check_rate, acc_dtype, autocast_on, no_autocast
 
 # %% auto #0
 __all__ = ['rope_angles', 'rotate', 'rope', 'unit', 'window_attention', 'ring_attention', 'evicted_stream', 'scan_read',
-           'evicted_read', 'evicted_read_delta', 'delta_write', 'TCState', 'scan_values', 'check_input',
+           'evicted_read', 'delta_write', 'evicted_read_delta', 'TCState', 'scan_values', 'check_input', 'check_config',
            'TensorCacheAttention']
 
 # %% ../nbs/08_tensor_cache.ipynb #acb942b0
@@ -27,6 +27,7 @@ def rope_angles(pos:Tensor, # positions `[T]` (integers; a negative position rot
     ang = pos.to(torch.float64)[:, None] * base ** (-torch.arange(half, device=pos.device, dtype=torch.float64) / half)
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
+# %% ../nbs/08_tensor_cache.ipynb #e54dd07c
 def rotate(x:Tensor, # `[..., T, D]`
            cs:tuple[Tensor, Tensor] # `(cos, sin)` `[T, D/2]` from `rope_angles`
           ) -> Tensor:
@@ -35,6 +36,7 @@ def rotate(x:Tensor, # `[..., T, D]`
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1*cos - x2*sin, x1*sin + x2*cos], -1)
 
+# %% ../nbs/08_tensor_cache.ipynb #55d424aa
 def rope(x:Tensor, # `[..., T, D]`, D even
          pos:Tensor, # positions `[T]` (integers; a negative position rotates back)
          base:float=10000. # RoPE base θ
@@ -42,6 +44,7 @@ def rope(x:Tensor, # `[..., T, D]`, D even
     "Rotary position embedding of `x` at positions `pos`: `rotate` by `rope_angles` in `x`'s dtype."
     return rotate(x, rope_angles(pos, x.shape[-1], base, x.dtype))
 
+# %% ../nbs/08_tensor_cache.ipynb #77907076
 def unit(k:Tensor, # keys `[..., D]`
          eps:float=1e-5 # added to the norm, as in the reference
         ) -> Tensor:
@@ -60,6 +63,7 @@ def _softmax_attend(s:Tensor, v:Tensor, # masked scores `[..., Q, N]` (−inf = 
     if ss is not None: ps = (ss - m).exp(); out = out + ps @ vs; den = den + ps.sum(-1, keepdim=True)
     return out / den.clamp_min(torch.finfo(den.dtype).tiny)
 
+# %% ../nbs/08_tensor_cache.ipynb #e5dc3d9a
 def window_attention(q:Tensor, # queries `[B, H, T, D]`
                      k:Tensor, # keys `[B, H, T, D]`
                      v:Tensor, # values `[B, H, T, Dv]`
@@ -70,6 +74,7 @@ def window_attention(q:Tensor, # queries `[B, H, T, D]`
                     ) -> Tensor:
     "Exact sliding-window softmax attention, block-local: query block b (size P = W − n_sink) sees key blocks b−1, b and the sinks."
     B, H, T, D = q.shape; R = window - n_sink; P = max(1, min(R, T)); nb = -(-T // P); Tp, dev = nb*P, q.device
+    if 0 in (B, T): return v.new_zeros(B, H, T, v.shape[-1])                           # an empty batch or sequence
     if q_sink is not None and q_sink.shape != q.shape: raise ValueError(f"`q_sink` must have the shape of `q` {list(q.shape)}, got {list(q_sink.shape)}")
     pad = lambda x, front=0: F.pad(x, (0, 0, front, Tp-T))
     qb, kb = pad(q).view(B, H, nb, P, D), pad(k, P).unfold(2, 2*P, P)                    # kb [B, H, nb, D, 2P]
@@ -118,17 +123,21 @@ def scan_read(q:Tensor, # queries `[B, H, T, Dk]`
               lam:Tensor, eta:Tensor, # decay λ and write rate η, `[H]` (λ = 1: no decay)
               chunk:int=64 # chunk length C of the scan (the result does not depend on it)
              ) -> Tensor:
-    "r_t = q_t A_t with A_t = λA_{t−1} + η k_t v_tᵀ (write, then read), `[B, H, T, Dv]`: chunked decayed linear attention."
-    B, H, T, Dk = q.shape; Dv = v.shape[-1]
-    _, S = scan_states(q.new_zeros(B, H, Dk, Dv), k, v, lam, eta, chunk)               # [B, H, N, Dk, Dv]
-    N, C = S.shape[2], min(chunk, T); pad = N*C - T
-    qc, kc, vc = [F.pad(x, (0, 0, 0, pad)).view(B, H, N, C, -1) for x in (q, k, v)]
-    i = torch.arange(C, device=q.device)
-    dec = lam[:, None, None] ** (i[:, None] - i[None]).clamp(min=0).to(lam.dtype) * (i[:, None] >= i[None])  # [H, C, C]
-    intra = eta[:, None, None, None] * (((qc @ kc.transpose(-1, -2)) * dec[:, None]) @ vc)
-    inter = (lam[:, None] ** (i + 1).to(lam.dtype))[:, None, :, None] * (qc @ S)
-    return (intra + inter).reshape(B, H, N*C, Dv)[:, :, :T]
+    "r_t = q_t A_t, A_t = λA_{t−1} + η k_t v_tᵀ (write, then read), `[B, H, T, Dv]`: chunked decayed linear attention, summed in `acc_dtype`."
+    B, H, T, Dk = q.shape; Dv = v.shape[-1]; dt = q.dtype
+    if 0 in (B, T): return q.new_zeros(B, H, T, Dv)
+    with no_autocast(q):                                                                # λ, η and the sums in float32 (or float64)
+        q, k, v, lam, eta = (x.to(acc_dtype(dt)) for x in (q, k, v, lam, eta))
+        _, S = scan_states(q.new_zeros(B, H, Dk, Dv), k, v, lam, eta, chunk)           # [B, H, N, Dk, Dv]
+        N, C = S.shape[2], min(chunk, T); pad = N*C - T
+        qc, kc, vc = [F.pad(x, (0, 0, 0, pad)).view(B, H, N, C, -1) for x in (q, k, v)]
+        i = torch.arange(C, device=q.device)
+        dec = lam[:, None, None] ** (i[:, None] - i[None]).clamp(min=0).to(lam.dtype) * (i[:, None] >= i[None])  # [H, C, C]
+        intra = eta[:, None, None, None] * (((qc @ kc.transpose(-1, -2)) * dec[:, None]) @ vc)
+        inter = (lam[:, None] ** (i + 1).to(lam.dtype))[:, None, :, None] * (qc @ S)
+        return (intra + inter).reshape(B, H, N*C, Dv)[:, :, :T].to(dt)
 
+# %% ../nbs/08_tensor_cache.ipynb #01b2c151
 def evicted_read(q:Tensor, # queries `[B, H, T, D]`
                  k:Tensor, # keys `[B, H, T, D]` (post-RoPE, not normalised)
                  v:Tensor, # values `[B, H, T, Dv]`
@@ -141,23 +150,25 @@ def evicted_read(q:Tensor, # queries `[B, H, T, D]`
     return scan_read(q, *evicted_stream(k, v, window, n_sink, valid), lam, eta, chunk)
 
 # %% ../nbs/08_tensor_cache.ipynb #6c69b47c
+def delta_write(A:Tensor, kh:Tensor, v:Tensor, lam:Tensor, eta:Tensor) -> Tensor:
+    "One delta-rule write: A `[B, H, D, Dv]`, k̂ `[B, H, D]`, v `[B, H, Dv]`, λ and η `[H]`."
+    pred = (kh[:, :, None] @ A)[:, :, 0]
+    return lam[:, None, None]*A + eta[:, None, None] * kh[..., :, None] * (v - pred)[..., None, :]
+
+# %% ../nbs/08_tensor_cache.ipynb #a17c02cc
 def evicted_read_delta(q:Tensor, k:Tensor, v:Tensor, # `[B, H, T, D]`, `[B, H, T, D]`, `[B, H, T, Dv]`
                        lam:Tensor, eta:Tensor, # `[H]`
                        window:int, n_sink:int=0, # window W and sinks
                        valid:Tensor|None=None # `[B, T]` bool, False = padding
                       ) -> Tensor:
     "Parallel-mode L2 read of the delta rule A ← λA + η k̂(v − k̂ᵀA)ᵀ: an exact sequential scan over the evicted stream."
-    B, H, T, D = q.shape; ks, vs = evicted_stream(k, v, window, n_sink, valid)
-    A, out = q.new_zeros(B, H, D, v.shape[-1]), []
-    for t in range(T):
-        A = delta_write(A, ks[:, :, t], vs[:, :, t], lam, eta)
-        out.append((q[:, :, t, None] @ A)[:, :, 0])
-    return torch.stack(out, 2)
-
-def delta_write(A:Tensor, kh:Tensor, v:Tensor, lam:Tensor, eta:Tensor) -> Tensor:
-    "One delta-rule write: A `[B, H, D, Dv]`, k̂ `[B, H, D]`, v `[B, H, Dv]`, λ and η `[H]`."
-    pred = (kh[:, :, None] @ A)[:, :, 0]
-    return lam[:, None, None]*A + eta[:, None, None] * kh[..., :, None] * (v - pred)[..., None, :]
+    B, H, T, D = q.shape; dt, acc = q.dtype, acc_dtype(q.dtype)
+    with no_autocast(q):
+        (ks, vs), q, lam, eta = evicted_stream(k.to(acc), v.to(acc), window, n_sink, valid), q.to(acc), lam.to(acc), eta.to(acc)
+        A, out = q.new_zeros(B, H, D, v.shape[-1]), [q.new_zeros(B, H, 0, v.shape[-1])]
+        for t in range(T):
+            A = delta_write(A, ks[:, :, t], vs[:, :, t], lam, eta); out.append(q[:, :, t, None] @ A)
+        return torch.cat(out, 2).to(dt)
 
 # %% ../nbs/08_tensor_cache.ipynb #d71786c8
 class TCState:
@@ -183,17 +194,29 @@ def scan_values(x:Tensor, # the input about to be validated
     "Whether validation reads `x`'s values for NaN/Inf: reading a value of an accelerator tensor is a device→host sync."
     return x.device.type == 'cpu' if check_finite is None else bool(check_finite)
 
+# %% ../nbs/08_tensor_cache.ipynb #ce09d0a0
 def check_input(x, name:str, # the input and its argument name
                 check_finite:bool|None=None, # as in `scan_values`
-                device=None, # the device `x` must be on (the decoding state's), or None
+                device=None, # the device `x` must be on (the layer's parameters and state), or None
+                dtype=None, # the layer's dtype: `x` must match it unless autocast is on, or None
                 **kw # `ndim`, `last`, `shape` for `check_tensor`
                ) -> Tensor:
-    "Host-side checks every call (type, rank, last dim, floating dtype, device); the NaN/Inf scan where `scan_values` says."
-    if not isinstance(x, Tensor) or scan_values(x, check_finite): check_tensor(x, name, **kw)
-    else: check_tensor(x, name, finite=False, **kw)
-    if device is not None and x.device != torch.device(device):
-        raise ValueError(f"`{name}` is on {x.device}, the decoding state on {torch.device(device)}")
-    return x
+    "Host-side checks every call (type, rank, last dim, dtype, device); the NaN/Inf scan where `scan_values` says."
+    check_tensor(x, name, finite=False, **kw)
+    if device is not None and x.device != torch.device(device): raise ValueError(f"`{name}` is on {x.device}, the layer on {torch.device(device)}")
+    if dtype is not None and x.dtype != dtype and not autocast_on(x):
+        raise TypeError(f"`{name}` is {x.dtype} but the layer is {dtype}: cast one to the other, or run under torch.autocast")
+    return check_tensor(x, name, **kw) if scan_values(x, check_finite) else x
+
+# %% ../nbs/08_tensor_cache.ipynb #fd422962
+def check_config(d_model, n_heads, window, n_sink, chunk, rule, rope) -> int:
+    "Validate a Tensor Cache layer's configuration (see `TensorCacheAttention`); return the head dim D."
+    check_int(d_model, 'd_model', 1); check_int(n_heads, 'n_heads', 1); check_int(window, 'window', 1); check_int(chunk, 'chunk', 1)
+    if d_model % n_heads: raise ValueError(f"`d_model` ({d_model}) must be divisible by `n_heads` ({n_heads})")
+    if check_int(n_sink, 'n_sink', 0) >= window: raise ValueError(f"`n_sink` ({n_sink}) must be < `window` ({window})")
+    if rule not in ('outer', 'delta'): raise ValueError(f"`rule` must be 'outer' or 'delta', got {rule!r}")
+    if rope and (d_model // n_heads) % 2: raise ValueError(f"RoPE needs an even head dim, got {d_model // n_heads}")
+    return d_model // n_heads
 
 # %% ../nbs/08_tensor_cache.ipynb #5bfb0ce4
 class TensorCacheAttention(nn.Module):
@@ -213,12 +236,7 @@ class TensorCacheAttention(nn.Module):
                  check_finite:bool|None=None # scan inputs for NaN/Inf: None = on the CPU only (no GPU sync), True/False = always/never
                 ):
         super().__init__()
-        check_int(d_model, 'd_model', 1); check_int(n_heads, 'n_heads', 1); check_int(window, 'window', 1); check_int(chunk, 'chunk', 1)
-        if d_model % n_heads: raise ValueError(f"`d_model` ({d_model}) must be divisible by `n_heads` ({n_heads})")
-        if check_int(n_sink, 'n_sink', 0) >= window: raise ValueError(f"`n_sink` ({n_sink}) must be < `window` ({window})")
-        if rule not in ('outer', 'delta'): raise ValueError(f"`rule` must be 'outer' or 'delta', got {rule!r}")
-        D = d_model // n_heads
-        if rope and D % 2: raise ValueError(f"RoPE needs an even head dim, got {D}")
+        D = check_config(d_model, n_heads, window, n_sink, chunk, rule, rope)
         store_attr('d_model,n_heads,window,n_sink,chunk,rule,rope,rope_base,check_finite'); self.head_dim, self.ring = D, window - n_sink
         self.q_proj, self.k_proj, self.v_proj = [nn.Linear(d_model, d_model, bias=bias) for _ in range(3)]
         self.c_proj, self.W_tc = nn.Linear(d_model, d_model, bias=bias), nn.Linear(d_model, d_model, bias=False)
@@ -226,11 +244,24 @@ class TensorCacheAttention(nn.Module):
         self.lam_logit, self.eta_logit = nn.Parameter(init(lam, 'lam').float()), nn.Parameter(init(eta, 'eta').float())
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))
 
-    @property
-    def lam(self) -> Tensor: "Per-head decay λ = sigmoid(ℓ_λ), `[H]`."; return torch.sigmoid(self.lam_logit)
-    @property
-    def eta(self) -> Tensor: "Per-head write rate η = sigmoid(ℓ_η), `[H]`."; return torch.sigmoid(self.eta_logit)
-    def extra_repr(self): return f"window={self.window}, n_sink={self.n_sink}, rule={self.rule!r}, rope={self.rope}, chunk={self.chunk}"
+# %% ../nbs/08_tensor_cache.ipynb #1a0d037f
+@patch(as_prop=True)
+def lam(self:TensorCacheAttention) -> Tensor: "Per-head decay λ = sigmoid(ℓ_λ), `[H]`."; return torch.sigmoid(self.lam_logit)
+@patch(as_prop=True)
+def eta(self:TensorCacheAttention) -> Tensor: "Per-head write rate η = sigmoid(ℓ_η), `[H]`."; return torch.sigmoid(self.eta_logit)
+@patch
+def extra_repr(self:TensorCacheAttention): return f"window={self.window}, n_sink={self.n_sink}, rule={self.rule!r}, rope={self.rope}, chunk={self.chunk}"
+
+# %% ../nbs/08_tensor_cache.ipynb #cea206db
+@patch
+def _apply(self:TensorCacheAttention, fn, recurse=True):
+    "`nn.Module._apply` (casts and moves), except that the λ and η logits never go below float32."
+    keep = {n: getattr(self, n).detach().clone() for n in ('lam_logit', 'eta_logit')}
+    super(TensorCacheAttention, self)._apply(fn, recurse)
+    for n, old in keep.items():
+        p = getattr(self, n)
+        if p.dtype in (torch.float16, torch.bfloat16): p.data = old.to(p.device, torch.promote_types(old.dtype, torch.float32))
+    return self
 
 # %% ../nbs/08_tensor_cache.ipynb #0b5abb82
 @patch
@@ -242,12 +273,14 @@ def qkv(self:TensorCacheAttention, x:Tensor, pos:Tensor) -> tuple[Tensor, Tensor
     if self.rope: cs = rope_angles(pos, self.head_dim, self.rope_base, q.dtype); q, k = rotate(q, cs), rotate(k, cs)
     return q, k, v
 
+# %% ../nbs/08_tensor_cache.ipynb #35199d3b
 @patch
 def fuse(self:TensorCacheAttention, o:Tensor, r:Tensor) -> Tensor:
     "y = c_proj(L1) + sigmoid(g)·W_tc(r), from per-head `o`, `r` `[B, H, T, D]` to `[B, T, E]`."
     B, _, T, _ = o.shape; mg = lambda y: y.transpose(1, 2).reshape(B*T, self.d_model)
     return (self.c_proj(mg(o)) + torch.sigmoid(self.gate) * self.W_tc(mg(r))).view(B, T, self.d_model)
 
+# %% ../nbs/08_tensor_cache.ipynb #88eee6b5
 @patch
 def valid_mask(self:TensorCacheAttention, pad_mask, shape:tuple, device) -> Tensor|None:
     "`pad_mask` (1/True = real token) as a bool tensor of `shape`, or None."
@@ -257,6 +290,14 @@ def valid_mask(self:TensorCacheAttention, pad_mask, shape:tuple, device) -> Tens
                          f"{tuple(pad_mask.shape) if isinstance(pad_mask, Tensor) else type(pad_mask).__name__}")
     return pad_mask.to(device=device, dtype=torch.bool)
 
+# %% ../nbs/08_tensor_cache.ipynb #78d6e8da
+@patch
+def check_x(self:TensorCacheAttention, x, name:str='x', ndim:int=3, device=None) -> Tensor:
+    "`check_input` against this layer: width E, the parameters' device (or `device`) and dtype (unless autocast is on)."
+    p = self.q_proj.weight
+    return check_input(x, name, self.check_finite, device or p.device, p.dtype, ndim=ndim, last=self.d_model,
+                       shape='[B, T, E]' if ndim == 3 else '[B, E]')
+
 # %% ../nbs/08_tensor_cache.ipynb #2e511b1d
 @patch
 def forward(self:TensorCacheAttention,
@@ -264,11 +305,11 @@ def forward(self:TensorCacheAttention,
              pad_mask:Tensor|None=None # `[B, T]`, 1 = real token, 0 = padding (never attended, written to L2 with weight 0)
             ) -> Tensor:
     "Parallel (training) form: block-local L1 + chunked eviction-conditioned L2, `[B, T, E]` → `[B, T, E]`."
-    check_input(x, 'x', self.check_finite, ndim=3, last=self.d_model, shape='[B, T, E]')
+    self.check_x(x)
     B, T, _ = x.shape; valid = self.valid_mask(pad_mask, (B, T), x.device)
     q, k, v = self.qkv(x, torch.arange(T, device=x.device))
     o = window_attention(q, k, v, self.window, self.n_sink, valid)
-    lam, eta = self.lam.to(q.dtype), self.eta.to(q.dtype)
+    lam, eta = self.lam, self.eta                                                # float32 (or float64): L2 sums in `acc_dtype`
     if self.rule == 'outer': r = evicted_read(q, k, v, lam, eta, self.window, self.n_sink, valid, self.chunk)
     else: r = evicted_read_delta(q, k, v, lam, eta, self.window, self.n_sink, valid)
     return self.fuse(o, r)
@@ -279,22 +320,34 @@ def init_state(self:TensorCacheAttention,
                 batch_size:int, # B
                 device=None, dtype=None # default: the module's parameters'
                ) -> TCState:
-    "Empty streaming state: all slots invalid, A = 0, t = 0."
+    "Empty streaming state: all slots invalid, A = 0 (in `acc_dtype`: float32 for 16-bit layers), t = 0."
     p = self.q_proj.weight; device, dtype = device or p.device, dtype or p.dtype
-    B, H, D, ns, R = check_int(batch_size, 'batch_size', 1), self.n_heads, self.head_dim, self.n_sink, self.ring
-    z = lambda *s: torch.zeros(*s, device=device, dtype=dtype)
+    B, H, D, ns, R = check_int(batch_size, 'batch_size', 0), self.n_heads, self.head_dim, self.n_sink, self.ring
+    z = lambda *s, dt=dtype: torch.zeros(*s, device=device, dtype=dt)
     no = lambda n: torch.zeros(B, n, device=device, dtype=torch.bool)
-    return TCState(z(B, H, ns, D), z(B, H, ns, D), no(ns), z(B, H, R, D), z(B, H, R, D), no(R), z(B, H, D, D), 0)
+    return TCState(z(B, H, ns, D), z(B, H, ns, D), no(ns), z(B, H, R, D), z(B, H, R, D), no(R), z(B, H, D, D, dt=acc_dtype(dtype)), 0)
+
+# %% ../nbs/08_tensor_cache.ipynb #8972de10
+@patch
+def check_state(self:TensorCacheAttention, state, B:int) -> TCState:
+    "Raise unless `state` is a `TCState` of this layer's geometry (sinks, ring, heads, head dim) for a batch of `B`."
+    if not isinstance(state, TCState): raise TypeError(f"`state` must be a TCState from `init_state`, got {type(state).__name__}")
+    got, want = (state.sink_k.shape[2], state.ring_k.shape[2], *state.A.shape[1:3]), (self.n_sink, self.ring, self.n_heads, self.head_dim)
+    if got != want: raise ValueError(f"`state` was made for n_sink={got[0]}, window={got[0] + got[1]}, {got[2]} heads of dim {got[3]}; "
+                                     f"this layer has n_sink={want[0]}, window={self.window}, {want[2]} heads of dim {want[3]}")
+    if state.A.shape[0] != B: raise ValueError(f"`state` holds batch {state.A.shape[0]}, `x_t` has {B} rows")
+    return state
 
 # %% ../nbs/08_tensor_cache.ipynb #286f0a5c
 @patch
 def _evict(self:TensorCacheAttention, state:TCState, slot:int, dtype) -> Tensor:
-    "A after writing the token held in ring `slot` (weight 0 if it was padding), by the outer or the delta rule."
-    lam, eta = self.lam.to(dtype), self.eta.to(dtype)
-    ke, ve = unit(state.ring_k[:, :, slot]) * state.ring_ok[:, slot, None, None].to(dtype), state.ring_v[:, :, slot]
+    "A after writing the token held in ring `slot` (weight 0 if it was padding), by the outer or the delta rule, in A's dtype."
+    dt = state.A.dtype; lam, eta = self.lam.to(dt), self.eta.to(dt)
+    ke, ve = unit(state.ring_k[:, :, slot].to(dt)) * state.ring_ok[:, slot, None, None].to(dt), state.ring_v[:, :, slot].to(dt)
     if self.rule == 'outer': return lam[:, None, None]*state.A + eta[:, None, None]*ke[..., :, None]*ve[..., None, :]
     return delta_write(state.A, ke, ve, lam, eta)
 
+# %% ../nbs/08_tensor_cache.ipynb #c40d7a6b
 @patch
 def step(self:TensorCacheAttention,
           x_t:Tensor, # one token per sequence `[B, E]`
@@ -302,20 +355,21 @@ def step(self:TensorCacheAttention,
           pad_mask:Tensor|None=None # `[B]`, 1 = real token, 0 = padding
          ) -> tuple[Tensor, TCState]:
     "Streaming (decoding) form: `(y_t [B, E], state at t + 1)`; computes what `forward` computes at position `state.t`."
-    check_input(x_t, 'x_t', self.check_finite, state.A.device, ndim=2, last=self.d_model, shape='[B, E]')   # host-side: no sync
-    B, t, ns, R = x_t.shape[0], state.t, self.n_sink, self.ring
-    if state.A.shape[0] != B: raise ValueError(f"`state` holds batch {state.A.shape[0]}, `x_t` has {B} rows")
+    self.check_x(x_t, 'x_t', 2, getattr(state, 'A', x_t).device)                   # host-side: no sync
+    B, t, ns, R = x_t.shape[0], self.check_state(state, x_t.shape[0]).t, self.n_sink, self.ring
     ok = self.valid_mask(pad_mask, (B,), x_t.device)
     q, k, v = self.qkv(x_t[:, None], torch.arange(t, t + 1, device=x_t.device))    # [B, H, 1, D]
     new = state.clone() if torch.is_grad_enabled() else state
     if t < ns: K, V, OK, i = new.sink_k, new.sink_v, new.sink_ok, t
     else:
         K, V, OK, i = new.ring_k, new.ring_v, new.ring_ok, (t - ns) % R
-        if t - ns >= R: new.A = self._evict(state, i, q.dtype)                          # token t − R leaves slot i for L2
+        if t - ns >= R:                                                              # token t − R leaves slot i for L2
+            with no_autocast(q): new.A = self._evict(state, i, q.dtype)
     K[:, :, i], V[:, :, i], OK[:, i] = k[:, :, 0], v[:, :, 0], True if ok is None else ok
     new.t = t + 1
     o = ring_attention(q, new.ring_k, new.ring_v, new.ring_ok, new.sink_k, new.sink_v, new.sink_ok)
-    return self.fuse(o, q @ new.A)[:, 0], new
+    with no_autocast(q): r = (q.to(new.A.dtype) @ new.A).to(q.dtype)                # the read, in A's dtype
+    return self.fuse(o, r)[:, 0], new
 
 # %% ../nbs/08_tensor_cache.ipynb #7c2db551
 @patch
@@ -325,10 +379,10 @@ def stream(self:TensorCacheAttention,
             state:TCState|None=None # continue from this state (default: a fresh one); updated in place unless autograd records
            ) -> tuple[Tensor, TCState]:
     "Run `step` over every position: `(y [B, T, E], final state)` — the streaming reference for `forward`."
-    check_input(x, 'x', self.check_finite, ndim=3, last=self.d_model, shape='[B, T, E]')
+    self.check_x(x)
     valid = self.valid_mask(pad_mask, x.shape[:2], x.device)
     state = self.init_state(x.shape[0], x.device, x.dtype) if state is None else state
-    ys = []
+    ys = [x.new_zeros(x.shape[0], 0, self.d_model)]
     for t in range(x.shape[1]):
-        y, state = self.step(x[:, t], state, None if valid is None else valid[:, t]); ys.append(y)
-    return torch.stack(ys, 1), state
+        y, state = self.step(x[:, t], state, None if valid is None else valid[:, t]); ys.append(y[:, None])
+    return torch.cat(ys, 1), state

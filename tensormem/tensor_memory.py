@@ -4,74 +4,110 @@
 
 # %% ../nbs/06_tensor_memory.ipynb #68db6740
 from __future__ import annotations
+import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .core import check_tensor
-from .voxel import grid_shape, soft_write, hard_write, trilinear_read, soft_write_dense, WRITE_MODES
+from fastcore.basics import patch
+from .core import check_tensor, check_int
+from .voxel import grid_shape, soft_write, hard_write, trilinear_read, WRITE_MODES
 
-_all_ = ['soft_write', 'trilinear_read']   # SPEC §0: the pure functions are also reachable from here
+_all_ = ['soft_write', 'trilinear_read']   # nbdev: the pure read and write are also reachable from this module
 
 # %% auto #0
-__all__ = ['depthwise_taps', 'TensorMemory', 'memory_param_count', 'MemoryBlock', 'attach_memory', 'detach_memory', 'soft_write',
-           'trilinear_read']
+__all__ = ['PER', 'NONCAUSAL', 'AUTHORS', 'depthwise_taps', 'TensorMemory', 'memory_param_count', 'MemoryBlock', 'attach_memory',
+           'detach_memory', 'SharedMemory', 'SharedMemoryBlock', 'attach_shared_memory', 'from_authors',
+           'authors_reference', 'soft_write', 'trilinear_read']
 
 # %% ../nbs/06_tensor_memory.ipynb #0f588891
 def depthwise_taps(z:torch.Tensor, # [B, K, D, H, W]
                    taps:torch.Tensor, # [3, K, 3]: for axis D, H, W in turn, a 3-tap kernel per channel (zero padding)
+                   bias:torch.Tensor|None=None, # [3, K]: a bias added after each axis (the authors' conv biases), or None
                   ) -> torch.Tensor: # [B, K, D, H, W]
-    "Depthwise 3-tap convolutions along D, then H, then W (cross-correlation, zero padding, no bias)."
+    "Depthwise 3-tap convolutions along D, then H, then W (cross-correlation, zero padding)."
     for a in range(3):
         n = z.shape[2 + a]; zp = F.pad(z, [0, 0] * (2 - a) + [1, 1])
         k = taps[a].view(1, -1, 3, 1, 1, 1)
         z = sum(k[:, :, j] * zp.narrow(2 + a, j, n) for j in range(3))
+        if bias is not None: z = z + bias[a].view(1, -1, 1, 1, 1)
     return z
 
 # %% ../nbs/06_tensor_memory.ipynb #20a56809
+PER = ('token', 'chunk')
+
+def _check_options(d_model, channels, chunk_size, causal, write, operator, write_impl, per, mix_init):
+    for n, v in (('d_model', d_model), ('channels', channels), ('chunk_size', chunk_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0: raise ValueError(f"`{n}` must be a positive int, got {v!r}")
+    for n, v, ok in (('write', write, ('gaussian', 'hard')), ('operator', operator, ('factorised', 'pointwise')),
+                     ('write_impl', write_impl, WRITE_MODES), ('per', per, PER), ('mix_init', mix_init, ('default', 'xavier'))):
+        if v not in ok: raise ValueError(f"`{n}` must be one of {ok}, got {v!r}")
+    if causal is not True:
+        raise ValueError(f"`causal` must be True for a TensorMemory (a layer's reads only see earlier chunks), got {causal!r}; "
+                         "the authors' non-causal setting, one state threaded through the layers, is `SharedMemory(causal=False)`")
+
+# %% ../nbs/06_tensor_memory.ipynb #3806bfee
 class TensorMemory(nn.Module):
     "Fixed-size voxel memory: per chunk read → soft write → factorised local operator → LSTM update; returns the gated read."
     def __init__(self, d_model:int, # model width E of the tokens `[B, N, E]`
                  channels:int=8, # C, channels per voxel
                  grid=8, # voxel grid: int (cube) or (D, H, W), each ≥ 2
                  chunk_size:int=1, # tokens per recurrent step
-                 causal:bool=True, # True: a chunk reads the state after the previous chunks only; False: every token reads the final state
-                 sigma_scale:float=0.25, # σ = (softplus(·) + 1e-4)·sigma_scale, coordinate units ([-1, 1] per axis)
-                 gate_init:float=0.0, # initial per-layer gate logit g (0.0 text/toys, -2.0 vision)
+                 causal:bool=True, # always True: chunk k reads the state left by chunks < k (see `SharedMemory` for the non-causal threading)
+                 sigma_scale:float=0.25, # σ = (softplus(·) + 1e-4)·sigma_scale, coordinate units (authors: 1.0)
+                 gate_init:float|None=0.0, # initial gate logit g (0.0 text/toys, -2.0 vision); None: no gate (a shared core)
                  write:str='gaussian', # 'gaussian' soft write or 'hard' nearest-cell write (ablation)
                  shared_coords:bool=True, # one location head for read and write; False: separate heads (ablation)
                  operator:str='factorised', # 'factorised' depthwise D,H,W 3-taps + 1×1×1, or 'pointwise' 1×1×1 only (ablation)
-                 write_impl:str='auto', # soft-write evaluation: 'auto', 'dense', 'separable' or 'local' (see 05_soft_write)
+                 write_impl:str='auto', # soft-write evaluation: 'auto', 'dense', 'separable' or 'local'
                  zero_init_out:bool=True, # zero out_proj so the memory adds exactly 0 at attach time
-                 forget_bias:float=1.0, # initial bias of the forget gate f (LSTM practice: remember by default)
+                 forget_bias:float=1.0, # added to the forget gate's bias at init (LSTM practice; authors: 0)
+                 norm:bool=True, # LayerNorm on the tokens before the heads (authors: a LayerNorm per layer)
+                 per:str='token', # 'token': every token reads and writes; 'chunk': one read (first token) and one write (`write_proj`) per chunk (authors)
+                 tap_bias:bool=False, # biases on the three depthwise taps (authors: yes, zero-initialised)
+                 out_bias:bool=False, # a bias on out_proj (authors: yes)
+                 mix_init:str='default', # 1×1×1 init: 'default' (PyTorch) or 'xavier' (uniform weights, zero bias; authors)
                 ):
         super().__init__()
-        for n, v in (('d_model', d_model), ('channels', channels), ('chunk_size', chunk_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0: raise ValueError(f"`{n}` must be a positive int, got {v!r}")
-        for n, v, ok in (('write', write, ('gaussian', 'hard')), ('operator', operator, ('factorised', 'pointwise')), ('write_impl', write_impl, WRITE_MODES)):
-            if v not in ok: raise ValueError(f"`{n}` must be one of {ok}, got {v!r}")
-        self.grid = grid_shape(grid)
-        self.d_model, self.channels, self.chunk_size, self.causal = d_model, channels, chunk_size, causal
-        self.sigma_scale, self.write, self.shared_coords, self.operator, self.write_impl = sigma_scale, write, shared_coords, operator, write_impl
-        E, C = d_model, channels
-        self.loc = nn.Linear(E, 3)                                   # μ = tanh(loc(x)), shared by read and write
-        self.read_loc = None if shared_coords else nn.Linear(E, 3)
-        self.content, self.spread = nn.Linear(E, C), nn.Linear(E, 1)
-        nn.init.constant_(self.spread.bias, 1.0)                     # softplus(1) ≈ 1.31: writes start broad [ref]
-        # depthwise 3-tap kernels along D, H, W on the 2C channels, identity-initialised (centre tap 1)
-        self.taps = nn.Parameter(torch.zeros(3, 2 * C, 3).index_fill_(2, torch.tensor([1]), 1.)) if operator == 'factorised' else None
-        self.mix = nn.Conv3d(2 * C, 4 * C, 1)
-        with torch.no_grad(): self.mix.bias[C:2 * C] += forget_bias          # channel blocks are (i, f, o, g)
-        self.out_proj = nn.Linear(C, E, bias=False)
-        if zero_init_out: nn.init.zeros_(self.out_proj.weight)
-        self.gate = nn.Parameter(torch.tensor(float(gate_init)))
-
-    def extra_repr(self):
-        return (f"d_model={self.d_model}, channels={self.channels}, grid={self.grid}, chunk_size={self.chunk_size}, causal={self.causal}, "
-                f"write={self.write!r}, shared_coords={self.shared_coords}, operator={self.operator!r}")
+        _check_options(d_model, channels, chunk_size, causal, write, operator, write_impl, per, mix_init)
+        self.grid, self.d_model, self.channels, self.chunk_size, self.causal = grid_shape(grid), d_model, channels, chunk_size, causal
+        self.sigma_scale, self.write, self.shared_coords, self.operator, self.write_impl, self.per = sigma_scale, write, shared_coords, operator, write_impl, per
+        self._build(norm, tap_bias, out_bias)
+        self._init(gate_init, zero_init_out, forget_bias, mix_init)
 
 # %% ../nbs/06_tensor_memory.ipynb #4f0e35dd
-from fastcore.basics import patch
+@patch
+def _build(self:TensorMemory, norm:bool, tap_bias:bool, out_bias:bool):
+    E, C = self.d_model, self.channels
+    self.norm = nn.LayerNorm(E) if norm else nn.Identity()
+    self.write_proj = nn.Linear(self.chunk_size * E, E) if self.per == 'chunk' else None   # the chunk's tokens → one write
+    self.loc = nn.Linear(E, 3)                                   # μ = tanh(loc(x)), shared by read and write
+    self.read_loc = None if self.shared_coords else nn.Linear(E, 3)
+    self.content, self.spread = nn.Linear(E, C), nn.Linear(E, 1)
+    fact = self.operator == 'factorised'                         # depthwise 3-taps along D, H, W on the 2C channels
+    self.taps = nn.Parameter(torch.zeros(3, 2 * C, 3)) if fact else None
+    self.tap_bias = nn.Parameter(torch.zeros(3, 2 * C)) if fact and tap_bias else None
+    self.mix, self.out_proj = nn.Conv3d(2 * C, 4 * C, 1), nn.Linear(C, E, bias=out_bias)
 
+# %% ../nbs/06_tensor_memory.ipynb #bb5ab519
+@patch
+def _init(self:TensorMemory, gate_init, zero_init_out:bool, forget_bias:float, mix_init:str):
+    C = self.channels
+    with torch.no_grad():
+        if self.taps is not None: self.taps.zero_()[:, :, 1] = 1.           # identity: centre tap 1
+        nn.init.constant_(self.spread.bias, 1.0)                           # softplus(1) ≈ 1.31: writes start broad
+        if mix_init == 'xavier': nn.init.xavier_uniform_(self.mix.weight); nn.init.zeros_(self.mix.bias)
+        self.mix.bias[C:2 * C] += forget_bias                              # channel blocks are (i, f, o, g)
+        if zero_init_out:
+            nn.init.zeros_(self.out_proj.weight)
+            if self.out_proj.bias is not None: nn.init.zeros_(self.out_proj.bias)
+    self.gate = None if gate_init is None else nn.Parameter(torch.tensor(float(gate_init)))
+
+@patch
+def extra_repr(self:TensorMemory):
+    return (f"d_model={self.d_model}, channels={self.channels}, grid={self.grid}, chunk_size={self.chunk_size}, per={self.per!r}, "
+            f"write={self.write!r}, shared_coords={self.shared_coords}, operator={self.operator!r}, sigma_scale={self.sigma_scale}")
+
+# %% ../nbs/06_tensor_memory.ipynb #c0ffee01
 @patch
 def init_state(self:TensorMemory, batch_size:int, device=None, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     "Zero `(h, c)`, each `[B, C, D, H, W]`."
@@ -86,48 +122,79 @@ def state_nbytes(self:TensorMemory, batch_size:int, dtype=torch.float32) -> int:
 
 # %% ../nbs/06_tensor_memory.ipynb #ec5b0ce6
 @patch
-def _heads(self:TensorMemory, x:torch.Tensor):
-    "Position-wise projections for all tokens: read μ [B,N,3], write μ [B,N,3], content [B,N,C], σ [B,N]."
-    mu_w = torch.tanh(self.loc(x))
-    mu_r = mu_w if self.read_loc is None else torch.tanh(self.read_loc(x))
-    sigma = (F.softplus(self.spread(x)) + 1e-4).squeeze(-1) * self.sigma_scale
-    return mu_r, mu_w, self.content(x), sigma
+def _heads(self:TensorMemory, xr:torch.Tensor, xw:torch.Tensor):
+    "Read μ [B,n,3] from `xr`; write μ [B,n,3], content [B,n,C] and σ [B,n] from `xw`."
+    mu_w = torch.tanh(self.loc(xw))
+    same = xr is xw and self.read_loc is None
+    mu_r = mu_w if same else torch.tanh((self.loc if self.read_loc is None else self.read_loc)(xr))
+    sigma = (F.softplus(self.spread(xw)) + 1e-4).squeeze(-1) * self.sigma_scale
+    return mu_r, mu_w, self.content(xw), sigma
 
 @patch
+def _plan(self:TensorMemory, xn:torch.Tensor):
+    "Heads for one pass over normalised tokens, plus (writes per recurrent step, how often each read repeats)."
+    if self.per == 'token': return (*self._heads(xn, xn), self.chunk_size, 1)
+    B, N, E = xn.shape; S = self.chunk_size; K = -(-N // S)
+    xg = F.pad(xn, (0, 0, 0, K * S - N)).view(B, K, S, E)
+    return (*self._heads(xg[:, :, 0], self.write_proj(xg.flatten(2))), 1, S)
+
+# %% ../nbs/06_tensor_memory.ipynb #d1e2f3a4
+@patch
 def _update(self:TensorMemory, state, mu_w, v, sigma):
-    "One recurrent step: write the chunk's tokens, mix locally, LSTM-update; returns the new `(h, c)`."
+    "One recurrent step: write, mix locally, LSTM-update; returns the new `(h, c)`."
     h, c = state
     V = hard_write(v, mu_w, self.grid) if self.write == 'hard' else soft_write(v, mu_w, sigma, self.grid, mode=self.write_impl)
     z = torch.cat([V.to(h.dtype), h], 1)
-    if self.taps is not None: z = depthwise_taps(z, self.taps)
+    if self.taps is not None: z = depthwise_taps(z, self.taps, self.tap_bias)
     i, f, o, g = self.mix(z).chunk(4, 1)
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
 
 @patch
+def _scan(self:TensorMemory, xn:torch.Tensor, state):
+    "Read, then write, chunk by chunk over normalised tokens `xn` from `state`: reads [B, N, C] and the final state."
+    mu_r, mu_w, v, sigma, S, rep = self._plan(xn); reads = []
+    for s in range(0, mu_w.shape[1], S):
+        reads.append(trilinear_read(state[0], mu_r[:, s:s + S]))
+        state = self._update(state, mu_w[:, s:s + S], v[:, s:s + S], sigma[:, s:s + S])
+    r = torch.cat(reads, 1)
+    return (r.repeat_interleave(rep, 1)[:, :xn.shape[1]] if rep > 1 else r), state
+
+@patch
 def _fuse(self:TensorMemory, r:torch.Tensor) -> torch.Tensor:
-    "Gated residual contribution sigmoid(g)·out_proj(read)."
-    return torch.sigmoid(self.gate) * self.out_proj(r)
+    "Gated residual contribution sigmoid(g)·out_proj(read) (no gate: out_proj(read))."
+    y = self.out_proj(r)
+    return y if self.gate is None else torch.sigmoid(self.gate) * y
 
 # %% ../nbs/06_tensor_memory.ipynb #0a5f86fb
 @patch
-def _check_x(self:TensorMemory, x):
-    check_tensor(x, 'x', ndim=3, last=self.d_model, shape=f'[B, N, E={self.d_model}]')
-    if x.shape[1] == 0: raise ValueError("`x` must hold at least one token, got N = 0")
+def _check_x(self:TensorMemory, x, name='x'):
+    if isinstance(x, torch.Tensor):
+        p = self.loc.weight
+        if x.device.type == 'meta': raise ValueError(f"`{name}` is on the meta device: it holds no values to read or write")
+        if x.device != p.device: raise ValueError(f"`{name}` is on {x.device} but the memory's parameters are on {p.device}")
+    check_tensor(x, name, ndim=3, last=self.d_model, shape=f'[B, N, E={self.d_model}]')
+    if x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"`{name}` has dtype {x.dtype} but the memory's parameters are {p.dtype}: cast one of them (or run under torch.autocast)")
+    if 0 in x.shape[:2]: raise ValueError(f"`{name}` must hold at least one sequence and one token, got B, N = {tuple(x.shape[:2])}")
 
+@patch
+def _check_state(self:TensorMemory, state, x):
+    if state is None: return self.init_state(x.shape[0], x.device, x.dtype)
+    want = (x.shape[0], self.channels, *self.grid)
+    if not (isinstance(state, (tuple, list)) and len(state) == 2 and all(isinstance(s, torch.Tensor) and tuple(s.shape) == want for s in state)):
+        raise ValueError(f"`state` must be a pair (h, c) of tensors of shape {want} (from `init_state` or a previous call)")
+    return tuple(state)
+
+# %% ../nbs/06_tensor_memory.ipynb #f7a8b9c0
 @patch
 def forward(self:TensorMemory, x:torch.Tensor, # [B, N, E] token states
             state=None, # optional `(h, c)` to start from (default: zeros)
             return_state:bool=False, # also return the final `(h, c)`
            ):
     "Residual contribution `[B, N, E]` of the memory for the tokens `x` (and the final state if asked)."
-    self._check_x(x); B, N, _ = x.shape; S = self.chunk_size
-    state = self.init_state(B, x.device, x.dtype) if state is None else state
-    mu_r, mu_w, v, sigma = self._heads(x); reads = []
-    for s in range(0, N, S):
-        if self.causal: reads.append(trilinear_read(state[0], mu_r[:, s:s + S]))
-        state = self._update(state, mu_w[:, s:s + S], v[:, s:s + S], sigma[:, s:s + S])
-    r = torch.cat(reads, 1) if self.causal else trilinear_read(state[0], mu_r)
+    self._check_x(x); state = self._check_state(state, x)
+    r, state = self._scan(self.norm(x), state)
     y = self._fuse(r)
     return (y, state) if return_state else y
 
@@ -136,36 +203,32 @@ def step(self:TensorMemory, x:torch.Tensor, # [B, n, E], one chunk: 1 ≤ n ≤ 
          state, # `(h, c)` from `init_state` or the previous `step`
         ):
     "Streaming: process one chunk, return `(y [B, n, E], new state)`; chunk by chunk this equals `forward`."
-    if not self.causal: raise ValueError("`step` needs a causal memory (causal=False reads the final state of the whole sequence)")
     self._check_x(x)
     if x.shape[1] > self.chunk_size: raise ValueError(f"`x` holds {x.shape[1]} tokens, more than chunk_size={self.chunk_size}")
-    mu_r, mu_w, v, sigma = self._heads(x)
-    return self._fuse(trilinear_read(state[0], mu_r)), self._update(state, mu_w, v, sigma)
+    return self.forward(x, state, return_state=True)
 
 # %% ../nbs/06_tensor_memory.ipynb #d4ff5b5f
 @patch
 def stream(self:TensorMemory, x:torch.Tensor, # [B, n, E], any n ≥ 1
            cache:dict|None=None, # from the previous call (None: start of the sequence)
-          ) -> tuple[torch.Tensor, dict]: # (y [B, n, E], cache with the state and the pending writes of an unfinished chunk)
+          ) -> tuple[torch.Tensor, dict]: # (y [B, n, E], cache with the state and the tokens of an unfinished chunk)
     "Causal streaming over calls of any length; outputs equal `forward` on all tokens so far."
-    if not self.causal: raise ValueError("`stream` needs a causal memory")
-    self._check_x(x); S, N = self.chunk_size, x.shape[1]
-    state, pend = (self.init_state(x.shape[0], x.device, x.dtype), None) if cache is None else (cache['state'], cache['pending'])
-    mu_r, mu_w, v, sigma = self._heads(x); reads, i = [], 0
-    while i < N:
-        take = min(S - (0 if pend is None else pend[0].shape[1]), N - i)
-        reads.append(trilinear_read(state[0], mu_r[:, i:i + take]))
-        new = (mu_w[:, i:i + take], v[:, i:i + take], sigma[:, i:i + take])
-        pend = new if pend is None else tuple(torch.cat(ab, 1) for ab in zip(pend, new))
-        if pend[0].shape[1] == S: state, pend = self._update(state, *pend), None
-        i += take
-    return self._fuse(torch.cat(reads, 1)), dict(state=state, pending=pend)
+    self._check_x(x); S = self.chunk_size
+    state, pend = (None, None) if cache is None else (cache['state'], cache['pending'])
+    xs = x if pend is None else torch.cat([pend, x], 1)
+    state = self._check_state(state, xs); full = xs.shape[1] // S * S; xn = self.norm(xs); reads = []
+    if full: r, state = self._scan(xn[:, :full], state); reads.append(r)
+    if full < xs.shape[1]: reads.append(self._scan(xn[:, full:], state)[0])   # the unfinished chunk reads; its write waits
+    y = self._fuse(torch.cat(reads, 1)[:, -x.shape[1]:])
+    return y, dict(state=state, pending=xs[:, full:] if full < xs.shape[1] else None)
 
 # %% ../nbs/06_tensor_memory.ipynb #f1abe2ea
-def memory_param_count(d_model:int, channels:int, shared_coords:bool=True, operator:str='factorised') -> int:
+def memory_param_count(d_model:int, channels:int, shared_coords:bool=True, operator:str='factorised', norm:bool=True,
+                       per:str='token', chunk_size:int=1, tap_bias:bool=False, out_bias:bool=False, gate:bool=True) -> int:
     "Closed-form parameter count of `TensorMemory`."
-    E, C = d_model, channels
-    return 2 * C * E + 4 * E + 8 * C * C + 5 * C + 5 + (18 * C if operator == 'factorised' else 0) + (0 if shared_coords else 3 * E + 3)
+    E, C, fact = d_model, channels, operator == 'factorised'
+    n = 2 * C * E + 4 * E + 8 * C * C + 5 * C + 4 + int(gate) + (18 * C if fact else 0) + (0 if shared_coords else 3 * E + 3)
+    return n + 2 * E * int(norm) + (chunk_size * E * E + E) * int(per == 'chunk') + 6 * C * int(fact and tap_bias) + E * int(out_bias)
 
 # %% ../nbs/06_tensor_memory.ipynb #021b8b76
 def _infer_width(block) -> int|None:
@@ -175,9 +238,10 @@ def _infer_width(block) -> int|None:
         if isinstance(o, int): return o
     return None
 
+# %% ../nbs/06_tensor_memory.ipynb #a9b8c7d6
 class MemoryBlock(nn.Module):
     "An existing block followed by a `TensorMemory` on its output stream."
-    def __init__(self, block:nn.Module, memory:TensorMemory, batch_first:bool=True):
+    def __init__(self, block:nn.Module, memory:nn.Module, batch_first:bool=True):
         super().__init__()
         self.block, self.memory, self.batch_first = block, memory, batch_first
         self.streaming, self._cache = False, None
@@ -203,25 +267,133 @@ class MemoryBlock(nn.Module):
         except AttributeError: return getattr(self._modules['block'], name)   # e.g. `attention_type` read by HF models
 
 # %% ../nbs/06_tensor_memory.ipynb #6bb90fc3
-def attach_memory(block:nn.Module, # the block to wrap (its parameters and code are not touched)
-                  d_model:int|None=None, # token width; inferred from common attributes when None
-                  batch_first:bool|None=None, # block tokens are [B, N, E]; inferred from `block.batch_first`/`self_attn.batch_first`, default True
-                  **kw, # passed to `TensorMemory` (channels, grid, chunk_size, causal, gate_init, ...)
-                 ) -> MemoryBlock:
-    "Wrap `block` so a `TensorMemory` adds to its output; outputs are unchanged at attach time."
+def _block_width(block, d_model, batch_first):
     if not isinstance(block, nn.Module): raise TypeError(f"`block` must be an nn.Module, got {type(block).__name__}")
     if isinstance(block, MemoryBlock): raise ValueError("`block` already has a memory attached")
     d_model = d_model or _infer_width(block)
     if d_model is None: raise ValueError(f"cannot infer the token width of {type(block).__name__}: pass `d_model=`")
-    if batch_first is None:
-        bf = getattr(block, 'batch_first', getattr(getattr(block, 'self_attn', None), 'batch_first', True))
-        batch_first = bool(bf)
+    if batch_first is None: batch_first = bool(getattr(block, 'batch_first', getattr(getattr(block, 'self_attn', None), 'batch_first', True)))
+    return d_model, batch_first
+
+def _like(mem, block):
     p = next(block.parameters(), None)
-    mem = TensorMemory(d_model, **kw)
-    if p is not None: mem = mem.to(device=p.device, dtype=p.dtype)
-    return MemoryBlock(block, mem, batch_first)
+    return mem if p is None else mem.to(device=p.device, dtype=p.dtype)
+
+# %% ../nbs/06_tensor_memory.ipynb #b0a1c2d3
+def attach_memory(block:nn.Module, # the block to wrap (its parameters and code are not touched)
+                  d_model:int|None=None, # token width; inferred from common attributes when None
+                  batch_first:bool|None=None, # block tokens are [B, N, E]; inferred from `block.batch_first`/`self_attn.batch_first`, default True
+                  **kw, # passed to `TensorMemory` (channels, grid, chunk_size, gate_init, ...)
+                 ) -> MemoryBlock:
+    "Wrap `block` so a `TensorMemory` adds to its output; outputs are unchanged at attach time."
+    d_model, batch_first = _block_width(block, d_model, batch_first)
+    return MemoryBlock(block, _like(TensorMemory(d_model, **kw), block), batch_first)
 
 def detach_memory(wrapped:MemoryBlock) -> nn.Module:
-    "Return the original block object that `attach_memory` wrapped."
+    "Return the original block object that `attach_memory` (or `attach_shared_memory`) wrapped."
     if not isinstance(wrapped, MemoryBlock): raise TypeError(f"`wrapped` must be a MemoryBlock from attach_memory, got {type(wrapped).__name__}")
     return wrapped.block
+
+# %% ../nbs/06_tensor_memory.ipynb #8fea01d8
+NONCAUSAL = ("SharedMemory(causal=False) threads one state through the layers: layer l+1 starts from the state layer l "
+             "left after the whole sequence, so tokens read writes made by later tokens. This is the authors' setting; "
+             "it is not causal and must not be used for next-token prediction.")
+
+class SharedMemory(nn.Module):
+    "One `TensorMemory` used by `n_layers` layers, each with its own LayerNorm and gate (the authors' shared memory)."
+    def __init__(self, d_model:int, # token width E
+                 n_layers:int, # layers that use the memory, called in order 0..n_layers-1 in every forward
+                 causal:bool=False, # False: one state threaded through the layers (authors; NOT causal); True: a fresh state per layer
+                 norm:bool=True, # a LayerNorm per layer on the stream the memory reads
+                 gate_init:float=0.0, # initial gate logit of every layer
+                 **kw): # passed to the shared `TensorMemory` (channels, grid, chunk_size, per, sigma_scale, ...)
+        super().__init__()
+        check_int(n_layers, 'n_layers', 1)
+        if not isinstance(causal, bool): raise ValueError(f"`causal` must be True or False, got {causal!r}")
+        self.memory = TensorMemory(d_model, gate_init=None, norm=False, **kw)
+        self.norms = nn.ModuleList(nn.LayerNorm(d_model) if norm else nn.Identity() for _ in range(n_layers))
+        self.gates = nn.Parameter(torch.full((n_layers,), float(gate_init)))
+        self.causal, self._state, self._next = causal, None, 0
+        if not causal: warnings.warn(NONCAUSAL, stacklevel=2)
+
+# %% ../nbs/06_tensor_memory.ipynb #c2fe4e2c
+@patch
+def layer(self:SharedMemory, i:int, # which layer is calling
+          x:torch.Tensor, # [B, N, E] that layer's stream
+         ) -> torch.Tensor: # [B, N, E] gated contribution
+    "Layer `i`'s contribution; it starts from zeros (layer 0, or every layer when causal) or from the state layer i-1 left."
+    L = len(self.norms); check_int(i, 'i', 0, L - 1); self.memory._check_x(x)
+    if not self.causal and i not in (0, self._next):
+        raise RuntimeError(f"layer {i} ran but layer {self._next} was expected: a threaded SharedMemory needs its layers in order 0..{L - 1}")
+    state = None if (i == 0 or self.causal) else self._state
+    r, state = self.memory._scan(self.norms[i](x), self.memory._check_state(state, x))
+    self._state, self._next = (None, 0) if i == L - 1 else (state, i + 1)
+    return torch.sigmoid(self.gates[i]) * self.memory.out_proj(r)
+
+# %% ../nbs/06_tensor_memory.ipynb #a6e3a461
+class SharedMemoryBlock(MemoryBlock):
+    "A block followed by layer `index` of a `SharedMemory`."
+    def __init__(self, block:nn.Module, shared:SharedMemory, index:int, batch_first:bool=True):
+        super().__init__(block, shared, batch_first); self.mem_index = index
+    def stream(self, on:bool=True):
+        if on: raise ValueError("a SharedMemory cannot stream: its layers need the whole sequence (threaded) or a per-layer cache (not implemented)")
+        return self
+    def _mem(self, hs): return self.memory.layer(self.mem_index, hs)
+
+def attach_shared_memory(blocks:list, # the blocks, in the order the model calls them
+                         d_model:int|None=None, batch_first:bool|None=None, # as in `attach_memory`
+                         causal:bool=False, # see `SharedMemory`: False threads the state (authors, non-causal)
+                         **kw) -> list: # passed to `SharedMemory`
+    "Wrap every block in `blocks` around one shared memory; returns the wrapped blocks in the same order."
+    blocks = list(blocks)
+    if not blocks: raise ValueError("`blocks` must hold at least one block")
+    dims = [_block_width(b, d_model, batch_first) for b in blocks]
+    shared = _like(SharedMemory(dims[0][0], len(blocks), causal, **kw), blocks[0])
+    return [SharedMemoryBlock(b, shared, i, bf) for i, (b, (_, bf)) in enumerate(zip(blocks, dims))]
+
+# %% ../nbs/06_tensor_memory.ipynb #d6a4513d
+AUTHORS = dict(sigma_scale=1.0, per='chunk', tap_bias=True, out_bias=True, zero_init_out=False, forget_bias=0.0,
+               mix_init='xavier', write_impl='separable')
+
+def from_authors(sd:dict) -> dict:
+    "Rename a `TensorMemoryInterface` state dict (authors' code) to `TensorMemory` names."
+    ren = {'coord_net': 'loc', 'writer.content_net': 'content', 'writer.sigma_net': 'spread', 'write_proj': 'write_proj',
+           'gate_conv.pointwise': 'mix', 'out_proj': 'out_proj'}
+    out = {f'{v}.{p}': sd[f'{k}.{p}'] for k, v in ren.items() for p in ('weight', 'bias')}
+    out['taps'] = torch.stack([sd[f'gate_conv.conv_{a}.weight'].flatten(1) for a in 'dhw'])
+    return {**out, 'tap_bias': torch.stack([sd[f'gate_conv.conv_{a}.bias'] for a in 'dhw'])}
+
+# %% ../nbs/06_tensor_memory.ipynb #66897b60
+@patch
+def load_authors(self:TensorMemory, sd:dict) -> TensorMemory:
+    "Load the authors' `TensorMemoryInterface.state_dict()` into a memory built with `**AUTHORS` (LayerNorm and gate are not in it)."
+    if self.per != 'chunk' or self.tap_bias is None or self.out_proj.bias is None:
+        raise ValueError("build the memory with **AUTHORS (per='chunk', tap_bias=True, out_bias=True) to load the authors' weights")
+    missing, unexpected = self.load_state_dict(from_authors(sd), strict=False)
+    left = [k for k in missing if not k.startswith(('norm.', 'gate'))]
+    if left or unexpected: raise ValueError(f"`sd` does not fit this memory: missing {left}, unexpected {list(unexpected)}")
+    return self
+
+# %% ../nbs/06_tensor_memory.ipynb #10908d95
+def authors_reference(sd:dict, # the authors' `TensorMemoryInterface.state_dict()`
+                      x:torch.Tensor, # [B, N, E] (what their models pass: LayerNorm(x))
+                      state, # (h, c), each [B, C, D, H, W]
+                      chunk_size:int, sigma_scale:float=1.0) -> tuple:
+    "The authors' interface forward (MIT licence): (out_proj(read) [B, N, E], (h, c)); a reference for tests."
+    B, N, E = x.shape; S = chunk_size; xg = F.pad(x, (0, 0, 0, (S - N % S) % S)).view(B, -1, S, E)
+    lin = lambda n, t: F.linear(t, sd[n + '.weight'], sd[n + '.bias'])
+    xw = lin('write_proj', xg.flatten(2))
+    rc, wc, v = torch.tanh(lin('coord_net', xg[:, :, 0])), torch.tanh(lin('coord_net', xw)), lin('writer.content_net', xw)
+    sig = (F.softplus(lin('writer.sigma_net', xw)) + 1e-4) * sigma_scale
+    (h, c), outs = state, []
+    zz, yy, xx = torch.meshgrid(*[torch.linspace(-1, 1, s, dtype=x.dtype) for s in h.shape[2:]], indexing='ij')
+    cells = torch.stack([xx, yy, zz])[None]
+    for t in range(xg.shape[1]):
+        outs.append(F.grid_sample(h, rc[:, t].view(B, 1, 1, 1, 3), align_corners=True, padding_mode='border').view(B, -1))
+        mask = torch.exp(-(cells - wc[:, t].view(B, 3, 1, 1, 1)).pow(2).sum(1, keepdim=True) / (2 * sig[:, t].view(B, 1, 1, 1, 1) ** 2 + 1e-6))
+        z = torch.cat([v[:, t].view(B, -1, 1, 1, 1) * mask, h], 1)
+        for a, pad in zip('dhw', ((1, 0, 0), (0, 1, 0), (0, 0, 1))):
+            z = F.conv3d(z, sd[f'gate_conv.conv_{a}.weight'], sd[f'gate_conv.conv_{a}.bias'], padding=pad, groups=z.shape[1])
+        i, f, o, g = F.conv3d(z, sd['gate_conv.pointwise.weight'], sd['gate_conv.pointwise.bias']).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g); h = torch.sigmoid(o) * torch.tanh(c)
+    return lin('out_proj', torch.stack(outs, 1).repeat_interleave(S, 1)[:, :N]), (h, c)

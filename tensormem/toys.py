@@ -11,13 +11,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .core import check_int
+from .core import check_int, default_device
 
 # %% auto #0
 __all__ = ['VELOCITIES', 'KINDS', 'TASKS', 'EVAL_SEED', 'ball_paths', 'render_balls', 'quadrant', 'occlusion_task', 'map_task',
-           'binding_task', 'counter_task', 'digit_images', 'moving_digits_task', 'causal_mask', 'n_params', 'ToyNet',
-           'SlotMemory', 'WithMemory', 'match_width', 'make_backbone', 'ToyTask', 'cond_name', 'evaluate', 'train_toy',
-           'memory_gates', 'memory_share', 'run_suite', 'summarize', 'results_table', 'plot_conditions']
+           'binding_task', 'counter_task', 'digit_images', 'moving_digits_task', 'window_recall_task', 'causal_mask',
+           'n_params', 'ToyNet', 'SlotMemory', 'WithMemory', 'match_width', 'make_backbone', 'ToyTask', 'cond_name',
+           'evaluate', 'train_toy', 'memory_gates', 'memory_share', 'run_suite', 'summarize', 'results_table',
+           'plot_conditions']
 
 # %% ../nbs/09a_toys.ipynb #6cd6851c
 def _gen(seed:int) -> torch.Generator:
@@ -85,14 +86,19 @@ def map_task(n:int, # number of sequences
     return torch.cat([reveal, query[:, None]], 1), world[ar, q[:, 0], q[:, 1]].long()
 
 # %% ../nbs/09a_toys.ipynb #258d2d35
+def _check_real(v, name:str, lo:float, strict:bool=False) -> float:
+    "A finite real number ≥ lo (> lo when `strict`), or a ValueError naming `name`."
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or (strict and v == lo):
+        raise ValueError(f"`{name}` must be a finite number {'>' if strict else '>='} {lo}, got {v!r}")
+    return float(v)
+
 def binding_task(n:int, # number of sequences
                  n_writes:int=20, # key/value writes before the query
                  sigma:float=0.05, # std of the Gaussian noise added to the queried key
                  n_values:int=32, # value vocabulary
                  seed:int=0) -> tuple[Tensor, Tensor]: # tokens [n, n_writes+1, 3+n_values+1], value of the nearest key [n]
     "Coordinate binding: writes (key in [-1,1]³, one-hot value), then a noisy query of a written key."
-    check_int(n, 'n', 1); check_int(n_writes, 'n_writes', 1)
-    if sigma < 0: raise ValueError(f"`sigma` must be >= 0, got {sigma}")
+    check_int(n, 'n', 1); check_int(n_writes, 'n_writes', 1); check_int(n_values, 'n_values', 1); sigma = _check_real(sigma, 'sigma', 0)
     g, ar = _gen(seed), torch.arange(n)
     k = torch.rand(n, n_writes, 3, generator=g) * 2 - 1
     v = torch.randint(0, n_values, (n, n_writes), generator=g)
@@ -108,7 +114,7 @@ def counter_task(n:int, # number of sequences
                  vocab:int=16, # the counter wraps at `vocab`
                  seed:int=0) -> tuple[Tensor, Tensor]: # token ids [n, length], next-token targets [n, length]
     "No-harm control: a counter mod `vocab` from a random start; predict the next token everywhere."
-    check_int(n, 'n', 1)
+    check_int(n, 'n', 1); check_int(length, 'length', 1); check_int(vocab, 'vocab', 1)
     s = (torch.randint(0, vocab, (n, 1), generator=_gen(seed)) + torch.arange(length + 1)) % vocab
     return s[:, :-1], s[:, 1:]
 
@@ -149,10 +155,26 @@ def moving_digits_task(n:int, # number of sequences
     hidden = (torch.arange(size) >= b0[:, None]) & (torch.arange(size) < b0[:, None] + band)   # [n, size]
     return (x * (~hidden)[:, None, None, :]).flatten(2), labels[i]
 
+# %% ../nbs/09a_toys.ipynb #a1b2c3d5
+def window_recall_task(n:int, # number of sequences
+                       gap:int=16, # noise tokens between the class and the query
+                       n_classes:int=8, # classes
+                       noise:float=0.3, # std of the noise tokens' features
+                       seed:int=0) -> tuple[Tensor, Tensor]: # tokens [n, gap+2, n_classes+1], class [n]
+    "Recall across a gap: a one-hot class, `gap` noise tokens, a query token (last feature 1); the label is the class."
+    check_int(n, 'n', 1); check_int(gap, 'gap', 0); check_int(n_classes, 'n_classes', 2); noise = _check_real(noise, 'noise', 0)
+    g = _gen(seed); y = torch.randint(0, n_classes, (n,), generator=g)
+    x = torch.zeros(n, gap + 2, n_classes + 1)
+    x[:, 1:gap + 1, :n_classes] = noise * torch.randn(n, gap, n_classes, generator=g)
+    x[:, 0, :n_classes] = F.one_hot(y, n_classes).float(); x[:, -1, -1] = 1.
+    return x, y
+
 # %% ../nbs/09a_toys.ipynb #b0e8041e
-def causal_mask(N:int, device=None) -> Tensor: # [N, N]
-    "Additive mask: 0 on and below the diagonal, -inf above (token i never attends to j > i)."
-    return torch.full((N, N), float('-inf'), device=device).triu(1)
+def causal_mask(N:int, device=None, window:int|None=None) -> Tensor: # [N, N]
+    "Additive mask: 0 where token i may attend to j (j ≤ i, and i - j < `window` when given), -inf elsewhere."
+    m = torch.full((N, N), float('-inf'), device=device).triu(1)
+    if window is None: return m
+    return m + torch.full_like(m, float('-inf')).tril(-check_int(window, 'window', 1))   # j ≤ i - window: too far back
 
 def n_params(m:nn.Module) -> int:
     "Number of trainable parameters."
@@ -169,11 +191,12 @@ class ToyNet(nn.Module):
                  d_ff:int|None=None, # feed-forward width (default 2·d_model)
                  max_len:int=128, # longest sequence
                  vocab:int|None=None, # vocabulary when the input is token ids
-                 per_token:bool=False): # predict at every position (next-token tasks)
+                 per_token:bool=False, # predict at every position (next-token tasks)
+                 window:int|None=None): # attention reaches only the last `window` tokens (None: the whole prefix)
         super().__init__()
         if d_model % n_heads: raise ValueError(f"`n_heads` ({n_heads}) must divide `d_model` ({d_model})")
         if (d_in is None) == (vocab is None): raise ValueError("give exactly one of `d_in` (features) or `vocab` (token ids)")
-        self.per_token, self.d_model = per_token, d_model
+        self.per_token, self.d_model, self.window = per_token, d_model, window
         self.embed = nn.Embedding(vocab, d_model) if vocab else nn.Linear(d_in, d_model)
         self.pos = nn.Parameter(0.02 * torch.randn(max_len, d_model))
         self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(d_model, n_heads, d_ff or 2 * d_model, dropout=0.0,
@@ -184,8 +207,8 @@ class ToyNet(nn.Module):
                ) -> Tensor: # [B, n_out], or [B, N, n_out] when `per_token`
         N = x.shape[1]
         if N > len(self.pos): raise ValueError(f"sequence length {N} exceeds `max_len` = {len(self.pos)}")
-        h, mask = self.embed(x) + self.pos[:N], causal_mask(N, x.device)
-        for blk in self.blocks: h = blk(h, src_mask=mask, is_causal=True)
+        h, mask = self.embed(x) + self.pos[:N], causal_mask(N, x.device, self.window)
+        for blk in self.blocks: h = blk(h, src_mask=mask, is_causal=self.window is None)   # the hint only for the plain causal mask
         h = self.norm(h)
         return self.head(h if self.per_token else h[:, -1])
 
@@ -247,6 +270,7 @@ def make_backbone(kind:str, # 'base', 'base_wide', 'slots' or 'tensor'
                   seed:int=0) -> nn.Module: # initialisation seed
     "Build one of the four toy backbones."
     if kind not in KINDS: raise ValueError(f"`kind` must be one of {KINDS}, got {kind!r}")
+    check_int(seed, 'seed', 0); check_int(n_slots, 'n_slots', 1)
     mem_kw = dict(mem_kw or {})
     if kind == 'base_wide': net_kw = {**net_kw, **match_width(n_params(_tensor_net(net_kw, mem_kw)), net_kw)}
     torch.manual_seed(seed)
@@ -287,6 +311,7 @@ TASKS = {
     'ablation': ToyTask('ablation', binding_task, [dict(n_writes=20, sigma=0.05)], 32, d_in=36, max_len=21,
                         train_conds=[dict(n_writes=w, sigma=0.05) for w in (5, 10, 20)]),
     'digits': ToyTask('digits', moving_digits_task, [dict()], 10, d_in=256, max_len=8, train_kw=dict(split='train'), eval_kw=dict(split='test')),
+    'window': ToyTask('window', window_recall_task, [dict(gap=g) for g in (2, 8, 16)], 8, d_in=9, max_len=18),
 }
 
 # %% ../nbs/09a_toys.ipynb #4ff4deb7
@@ -294,16 +319,22 @@ EVAL_SEED = 10**9   # evaluation seeds start here; training seeds are 10⁶·see
 
 @torch.no_grad()
 def evaluate(model:nn.Module, task:ToyTask, n:int=512, bs:int=256) -> dict:
-    "Accuracy per condition (over every labelled position) on fixed held-out batches, the same for every model."
-    was, res = model.training, {}
+    "Accuracy per condition (over every labelled position) on fixed held-out batches, the same for every model; runs where `model` is."
+    check_int(n, 'n', 1); check_int(bs, 'bs', 1)
+    was, res, dev = model.training, {}, next(model.parameters()).device
     model.eval()
     for ci, cond in enumerate(task.conds):
         hits = []
         for b in range(0, n, bs):
             x, y = task.fn(min(bs, n - b), seed=EVAL_SEED + 1000 * ci + b // bs, **cond, **task.eval_kw)
-            hits.append((model(x).argmax(-1) == y).float().flatten())
+            hits.append((model(x.to(dev)).argmax(-1) == y.to(dev)).float().flatten())
         res[cond_name(cond)] = torch.cat(hits).mean().item()
     model.train(was); return res
+
+# %% ../nbs/09a_toys.ipynb #c1d2e3f4
+def _schedule(opt, steps:int):
+    warm = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.)))))
 
 def train_toy(model:nn.Module, # a backbone from `make_backbone`
               task:ToyTask, # what to train on
@@ -311,20 +342,21 @@ def train_toy(model:nn.Module, # a backbone from `make_backbone`
               bs:int=32, # batch size
               lr:float=3e-3, # peak AdamW learning rate
               seed:int=0, # seeds the training batches and the condition drawn at each step
-              eval_n:int=512) -> dict: # held-out examples per condition
-    "Train for a fixed step budget on fresh batches; return losses, accuracy per condition, wall seconds."
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.)))))
+              eval_n:int=512, # held-out examples per condition
+              device=None) -> dict: # where to train (default: `default_device()`, the GPU when present)
+    "Train for a fixed step budget on fresh batches; return losses, accuracy per condition, wall seconds, device."
+    check_int(steps, 'steps', 1); check_int(bs, 'bs', 1); check_int(eval_n, 'eval_n', 1); _check_real(lr, 'lr', 0, strict=True)
+    dev = torch.device(device) if device is not None else default_device(); model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01); sched = _schedule(opt, steps)
     conds = task.train_conds or task.conds
     pick, losses, t0 = torch.randint(0, len(conds), (steps,), generator=_gen(seed)), [], time.perf_counter()
     model.train()
     for step in range(steps):
         x, y = task.fn(bs, seed=seed * 10**6 + step, **conds[pick[step]], **task.train_kw)
-        loss = F.cross_entropy(model(x).flatten(0, -2), y.flatten())
+        loss = F.cross_entropy(model(x.to(dev)).flatten(0, -2), y.to(dev).flatten())
         opt.zero_grad(); loss.backward(); nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); sched.step(); losses.append(loss.item())
-    return dict(losses=losses, acc=evaluate(model, task, eval_n), seconds=time.perf_counter() - t0)
+    return dict(losses=losses, acc=evaluate(model, task, eval_n), seconds=time.perf_counter() - t0, device=dev.type)
 
 # %% ../nbs/09a_toys.ipynb #7df32eed
 def memory_gates(model:nn.Module) -> list[float]:
@@ -340,12 +372,13 @@ def memory_share(model:nn.Module, # a backbone
     out, was = [], model.training
     hooks = [m.register_forward_hook(lambda mod, inp, o: out.append((o.norm() / inp[0].norm()).item()))
              for m in model.modules() if isinstance(m, (TensorMemory, SlotMemory))]
-    try: model.eval(); model(x)
+    try: model.eval(); model(x.to(next(model.parameters()).device))
     finally:
         for h in hooks: h.remove()
         model.train(was)
     return out
 
+# %% ../nbs/09a_toys.ipynb #d81ccc46
 def run_suite(task:ToyTask, # the toy
               kinds=KINDS, # backbones to train
               seeds=(0,), # one run per seed (initialisation and training batches)
@@ -353,23 +386,27 @@ def run_suite(task:ToyTask, # the toy
               net_kw:dict|None=None, # `ToyNet` width/depth
               mem_kw:dict|None=None, # `TensorMemory` arguments
               variants:dict|None=None, # name -> extra `mem_kw` for 'tensor' runs (ablations); None: plain kinds
-              eval_n:int=512, verbose:bool=True) -> list[dict]:
+              eval_n:int=512, verbose:bool=True,
+              device=None) -> list[dict]: # where to train (default: the GPU when present)
     "Train and evaluate each backbone (or ablation variant) × seed; one record per run."
     net_kw, mem_kw, rows = dict(net_kw or {}), dict(mem_kw or {}), []
+    for s in seeds: check_int(s, 'seeds', 0)
     runs = [(k, k, {}) for k in kinds] if variants is None else [(name, 'tensor', v) for name, v in variants.items()]
     probe = task.fn(64, seed=EVAL_SEED - 1, **task.conds[-1], **task.eval_kw)[0]     # the hardest condition
     for name, kind, extra in runs:
         for seed in seeds:
-            model = make_backbone(kind, task.net_kw(**net_kw), {**mem_kw, **extra}, seed=seed)
-            g0 = memory_gates(model)
-            r = train_toy(model, task, steps, bs, lr, seed, eval_n)
+            model = make_backbone(kind, task.net_kw(**net_kw), {**mem_kw, **extra}, seed=seed); g0 = memory_gates(model)
+            r = train_toy(model, task, steps, bs, lr, seed, eval_n, device)
             rows.append(dict(task=task.name, kind=name, seed=seed, params=n_params(model), steps=steps, bs=bs,
                              gates0=g0, gates=memory_gates(model), share=memory_share(model, probe), **r))
-            if verbose:
-                acc = r['acc'] if len(r['acc']) <= 4 else {'mean over conditions': sum(r['acc'].values()) / len(r['acc'])}
-                print(f"{task.name:9s} {name:15s} seed {seed} {n_params(model):6d} params {r['seconds']:5.1f} s  "
-                      + '  '.join(f'{k}: {v:.3f}' for k, v in acc.items()))
+            if verbose: print(_result_line(rows[-1]))
     return rows
+
+# %% ../nbs/09a_toys.ipynb #16d19406
+def _result_line(r:dict) -> str:
+    acc = r['acc'] if len(r['acc']) <= 4 else {'mean over conditions': sum(r['acc'].values()) / len(r['acc'])}
+    return (f"{r['task']:9s} {r['kind']:15s} seed {r['seed']} {r['params']:6d} params  {r['steps']} steps × {r['bs']} on {r['device']} "
+            f"{r['seconds']:5.1f} s  " + '  '.join(f'{k}: {v:.3f}' for k, v in acc.items()))
 
 # %% ../nbs/09a_toys.ipynb #84a73364
 def summarize(rows:list) -> dict:
@@ -380,14 +417,15 @@ def summarize(rows:list) -> dict:
     return {k: (sum(v) / len(v), (max(v) - min(v)) / 2, len(v)) for k, v in acc.items()}
 
 def results_table(rows:list, pct:bool=True) -> str:
-    "A markdown table of accuracy: rows = conditions, columns = backbones (with their parameter counts)."
+    "A markdown table of accuracy: rows = conditions, columns = backbones (with their parameter counts), then the budget."
     s, kinds = summarize(rows), list(dict.fromkeys(r['kind'] for r in rows))
     conds = list(dict.fromkeys(c for r in rows for c in r['acc']))
     params = {r['kind']: r['params'] for r in rows}
     f = (lambda m, h, n: f'{100 * m:.1f}' + (f' ± {100 * h:.1f}' if n > 1 else '')) if pct else (lambda m, h, n: f'{m:.3f}' + (f' ± {h:.3f}' if n > 1 else ''))
     lines = ['| condition | ' + ' | '.join(f'{k} ({params[k]:,} p)' for k in kinds) + ' |', '|---' * (len(kinds) + 1) + '|']
     lines += ['| ' + c + ' | ' + ' | '.join(f(*s[(k, c)]) if (k, c) in s else '' for k in kinds) + ' |' for c in conds]
-    return '\n'.join(lines)
+    budgets = sorted({f"{r['steps']} steps × batch {r['bs']} on {r.get('device', 'cpu')}" for r in rows if 'steps' in r})
+    return '\n'.join(lines + ([f"\nbudget: {'; '.join(budgets)}; seeds {sorted({r['seed'] for r in rows})}"] if budgets else []))
 
 # %% ../nbs/09a_toys.ipynb #7b39a6ee
 def plot_conditions(rows:list, # records from `run_suite`

@@ -11,8 +11,8 @@ from .core import check_tensor, interact_or_static
 
 # %% auto #0
 __all__ = ['WRITE_MODES', 'grid_shape', 'cell_size', 'voxel_centres', 'coord_to_index', 'index_to_coord', 'trilinear_read',
-           'soft_write_dense', 'write_mass', 'soft_write_separable', 'local_offsets', 'soft_write_local', 'soft_write',
-           'hard_write', 'plot_write_slices', 'soft_write_explorer']
+           'soft_write_dense', 'write_mass', 'soft_write_separable', 'local_reach', 'local_offsets', 'soft_write_local',
+           'soft_write', 'hard_write', 'plot_write_slices', 'soft_write_explorer']
 
 # %% ../nbs/05_soft_write.ipynb #8bfa39b0
 def grid_shape(grid, # an int (cube) or a `(D, H, W)` triple, each ≥ 2
@@ -74,7 +74,7 @@ def soft_write_dense(content:torch.Tensor, # [B, N, C] what each write deposits
                      sigma:torch.Tensor, # [B, N] spreads σ in coordinate units
                      grid, # int or (D, H, W)
                     ) -> torch.Tensor: # [B, C, D, H, W], summed over the N writes
-    "Gaussian soft write evaluated at every cell centre (SPEC §4 step 2)."
+    "Gaussian soft write evaluated at every cell centre: the literal formula, the reference for the faster forms."
     _check_write(content, loc, sigma); D, H, W = grid_shape(grid)
     P = voxel_centres(grid, content.dtype, content.device).view(-1, 3)            # [DHW, 3]
     d2 = ((P[None, None] - loc[:, :, None]) ** 2).sum(-1)                          # [B, N, DHW]
@@ -106,12 +106,24 @@ def soft_write_separable(content:torch.Tensor, # [B, N, C] what each write depos
     return torch.einsum('bncdh,bnw->bcdhw', torch.einsum('bnc,bnd,bnh->bncdh', content, gz, gy), gx)
 
 # %% ../nbs/05_soft_write.ipynb #426a2e88
+_EPS = 1e-6   # the kernel's denominator is 2σ² + ε: the effective spread is √(σ² + ε/2), > 0 even at σ = 0
+
+def _check_radius(radius) -> float:
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) or radius <= 0:
+        raise ValueError(f"`radius` must be a finite number > 0 (the truncation radius in units of σ), got {radius!r}")
+    return float(radius)
+
+def local_reach(sigma_max:float, grid, radius:float=3.0) -> tuple[float, list[int]]:
+    "Truncation distance R = radius·√(σ²+ε/2) and the reach in cells along (x, y, z), each capped at S - 1."
+    R = _check_radius(radius) * math.sqrt(sigma_max ** 2 + _EPS / 2)
+    return R, [min(int(math.floor(R / sp + 0.5)), S - 1) for sp, S in zip(cell_size(grid), grid_shape(grid)[::-1])]
+
+# %% ../nbs/05_soft_write.ipynb #79c12777
 def local_offsets(sigma_max:float, # largest σ among the writes, coordinate units
                   grid, radius:float=3.0, # truncation radius in units of σ
-                  device=None) -> torch.Tensor: # [K, 3] integer offsets (x, y, z)
-    "Integer cell offsets, from a write's nearest cell, that can lie within `radius`·σ of its centre."
-    sp = torch.tensor(cell_size(grid), dtype=torch.float64); R = radius * sigma_max
-    r = [int(math.floor(R / float(sp[a]) + 0.5)) for a in range(3)]
+                  device=None) -> torch.Tensor: # [K, 3] integer offsets (x, y, z), K ≤ (2W-1)(2H-1)(2D-1)
+    "Integer cell offsets, from a write's nearest grid cell, that can lie within `radius`·σ̃ of its centre."
+    R, r = local_reach(sigma_max, grid, radius); sp = torch.tensor(cell_size(grid), dtype=torch.float64)
     o = torch.stack(torch.meshgrid(*[torch.arange(-k, k + 1) for k in r], indexing='ij'), -1).view(-1, 3)
     gap = ((o.abs() - 0.5).clamp(min=0) * sp) ** 2                             # nearest possible distance per axis
     return o[gap.sum(-1) <= R * R + 1e-12].to(device)
@@ -120,12 +132,13 @@ def local_offsets(sigma_max:float, # largest σ among the writes, coordinate uni
 def soft_write_local(content:torch.Tensor, # [B, N, C] what each write deposits
                      loc:torch.Tensor, # [B, N, 3] write centres μ (x, y, z)
                      sigma:torch.Tensor, # [B, N] spreads σ in coordinate units
-                     grid, radius:float=3.0, # truncation radius in units of σ
+                     grid, radius:float=3.0, # truncation radius in units of σ̃ = √(σ²+ε/2)
                     ) -> torch.Tensor: # [B, C, D, H, W]
-    "Gaussian soft write truncated to cells within `radius`·σ of each centre (separable gather + `scatter_add`)."
+    "Gaussian soft write truncated to cells within `radius`·σ̃ of each centre (separable gather + `scatter_add`)."
     _check_write(content, loc, sigma); D, H, W = grid_shape(grid); B, N, C = content.shape
     o = local_offsets(float(sigma.detach().max()) if N else 0., grid, radius, content.device)   # [K, 3]
-    r = o.abs().amax(0); base = coord_to_index(loc.detach(), grid).round().long()             # [B, N, 3]
+    r, top = o.abs().amax(0), loc.new_tensor([W - 1, H - 1, D - 1])
+    base = torch.minimum(coord_to_index(loc.detach(), grid).clamp(min=0), top).round().long()  # nearest grid cell [B, N, 3]
     d2, flat, valid = 0, torch.arange(B, device=loc.device)[:, None, None] * (D * H * W), True
     for a, (S, stride) in enumerate(((W, 1), (H, W), (D, H * W))):                          # per axis, then gather
         i = base[..., a:a + 1] + torch.arange(-int(r[a]), int(r[a]) + 1, device=loc.device)   # [B, N, L]
@@ -134,7 +147,8 @@ def soft_write_local(content:torch.Tensor, # [B, N, C] what each write deposits
         sel = o[:, a] + r[a]                       # off-grid cells get weight 0 through `valid` (a mask, not an
         valid = valid & ok[..., sel]              # infinite distance: inf·0 would make the σ gradient NaN)
         d2 = d2 + e[..., sel]; flat = flat + i[..., sel] * stride                              # [B, N, K]
-    w = torch.where(valid & (d2 <= radius ** 2 * sigma[..., None] ** 2), torch.exp(-d2 / (2 * sigma[..., None] ** 2 + 1e-6)), torch.zeros_like(d2))
+    s2 = sigma[..., None] ** 2 + _EPS / 2                                                      # σ̃², the kernel's own spread
+    w = torch.where(valid & (d2 <= _check_radius(radius) ** 2 * s2), torch.exp(-d2 / (2 * s2)), torch.zeros_like(d2))
     src = (content.permute(2, 0, 1)[..., None] * w).reshape(C, -1)                              # [C, B·N·K]
     out = content.new_zeros(C, B * D * H * W).scatter_add(1, flat.reshape(1, -1).expand(C, -1), src)
     return out.view(C, B, D, H, W).transpose(0, 1)
@@ -142,22 +156,28 @@ def soft_write_local(content:torch.Tensor, # [B, N, C] what each write deposits
 # %% ../nbs/05_soft_write.ipynb #4eba8e2f
 WRITE_MODES = ('auto', 'dense', 'separable', 'local')
 
+def _auto_mode(sigma, grid, radius) -> str:
+    "'local' when the truncated footprint is at most 1/32 of the grid, else 'separable'; builds at most DHW offsets."
+    D, H, W = grid_shape(grid); smax = float(sigma.detach().max()) if sigma.numel() else 0.
+    box = math.prod(2 * k + 1 for k in local_reach(smax, grid, radius)[1])
+    if box > D * H * W: return 'separable'                     # the ball covers the grid: the dense (exact) form
+    return 'local' if 32 * len(local_offsets(smax, grid, radius)) <= D * H * W else 'separable'
+
 def soft_write(content:torch.Tensor, # [B, N, C] what each write deposits
                loc:torch.Tensor, # [B, N, 3] write centres μ (x, y, z) in [-1, 1]
-               sigma:torch.Tensor, # [B, N] spreads σ in coordinate units
+               sigma:torch.Tensor, # [B, N] spreads σ ≥ 0 in coordinate units
                grid, # int or (D, H, W)
                mode:str='auto', # 'auto', 'dense' (literal), 'separable' (exact, fast) or 'local' (truncated)
-               radius:float=3.0, # truncation radius of the local form, in σ
+               radius:float=3.0, # truncation radius of the local form, in σ̃
               ) -> torch.Tensor: # [B, C, D, H, W]
     "Gaussian soft write $v\\,e^{-\\lVert p-\\mu\\rVert^2/(2\\sigma^2+10^{-6})}$ summed over writes, by the chosen evaluation."
     if mode not in WRITE_MODES: raise ValueError(f"`mode` must be one of {WRITE_MODES}, got {mode!r}")
-    if mode == 'auto':
-        _check_write(content, loc, sigma); D, H, W = grid_shape(grid)
-        K = len(local_offsets(float(sigma.detach().max()) if sigma.numel() else 0., grid, radius))
-        mode = 'local' if 32 * K <= D * H * W else 'separable'
+    _check_write(content, loc, sigma); _check_radius(radius)
+    if mode == 'auto': mode = _auto_mode(sigma, grid, radius)
     if mode == 'local': return soft_write_local(content, loc, sigma, grid, radius)
     return (soft_write_separable if mode == 'separable' else soft_write_dense)(content, loc, sigma, grid)
 
+# %% ../nbs/05_soft_write.ipynb #a7c3e9d1
 def hard_write(content:torch.Tensor, # [B, N, C]
                loc:torch.Tensor, # [B, N, 3] (x, y, z), clamped to the grid
                grid) -> torch.Tensor: # [B, C, D, H, W]

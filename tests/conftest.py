@@ -18,12 +18,5 @@ def pytest_collection_modifyitems(config, items):
         if 'cuda' in item.keywords: item.add_marker(skip)
 
 
-def tiny_llama(vocab:int=64, hidden:int=32, layers:int=2, heads:int=4, kv_heads:int=2, head_dim:int|None=None,
-               dtype=torch.float32, seed:int=0, **kw):
-    "A small randomly initialised transformers Llama (GQA when kv_heads < heads): real HF code paths, test-sized."
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2*hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim or hidden//heads,
-                      max_position_embeddings=128, **kw)
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+# One test-sized Llama for every test file: the package's own (`from conftest import tiny_llama` keeps working).
+from tensormem.hf_cache import tiny_llama  # noqa: E402,F401

@@ -2,9 +2,11 @@
 import math
 import pytest, torch
 from hypothesis import given, settings, strategies as st
-from tensormem.hqmq import synthetic_kv, codes_equal, unpack_bits, HQMQ
+from tensormem.hqmq import HQMQ
+from tensormem.quant import synthetic_kv, codes_equal, unpack_bits
 from tensormem.baselines import (NaiveInt, IntPacked, KIVI, KIVIPacked, TurboQuantLike, TQPacked, kivi_encode, kivi_decode,
-                                 lloyd_max, uniform_levels, sphere_coord_density, random_rotation, method_grid, evaluate, family)
+                                 lloyd_max, uniform_levels, sphere_coord_density, random_rotation, method_grid, evaluate_tensors)
+from tensormem.quant import FAMILY_STYLE
 
 FAST = settings(max_examples=10, deadline=None)
 
@@ -104,16 +106,18 @@ def test_bad_inputs():
                    (lambda: NaiveInt(4).quantize(x[0], 0, 'k'), '4 dims'), (lambda: KIVI(2).quantize(x.int(), 0, 'k'), 'floating'),
                    (lambda: TurboQuantLike(2).quantize(x, 0, 'q'), '`role`'), (lambda: NaiveInt(4).quantize(x * float('nan'), 0, 'k'), 'NaN'),
                    (lambda: NaiveInt(4).quantize(x * 1e6, 0, 'k'), 'fp16 range'), (lambda: TurboQuantLike(2, 'hadamard').quantize(x[..., :6], 0, 'k'), 'power of 2'),
-                   (lambda: NaiveInt(3).dequantize(NaiveInt(4).quantize(x, 0, 'k')), 'IntPacked made by int3'),
+                   (lambda: NaiveInt(3).dequantize(NaiveInt(4).quantize(x, 0, 'k')), 'made by another quantizer configuration'),
+                   (lambda: NaiveInt(3).dequantize(KIVI(2).quantize(x, 0, 'k')), 'must be a IntPacked made by NaiveInt(int3)'),
                    (lambda: KIVIPacked.cat([KIVI(2).quantize(x, 0, 'k'), KIVI(2).quantize(x, 0, 'v')]), 'different `role`')]:
         with pytest.raises((ValueError, TypeError)) as e: f()
         assert msg in str(e.value), (msg, str(e.value))
 
 def test_evaluate_harness_and_grid():
     grid = method_grid(1, 2, 16)
-    assert {family(q) for q in grid} == {'HQMQ', 'HQMQ +Med3×', 'HQMQ +Med3×(token)', 'int', 'int +Med3×', 'KIVI', 'TurboQuant-like'}
+    assert {q.family for q in grid} == {'HQMQ', 'HQMQ+Med3×', 'HQMQ+Med3×(token)', 'naive int', 'naive int+Med3×', 'KIVI-style', 'TurboQuant-style'}
+    assert all(q.family in FAMILY_STYLE for q in grid)
     k, v = synthetic_kv(1, 2, 40, 16, seed=0), synthetic_kv(1, 2, 40, 16, seed=1, massive=0)
-    rows = evaluate([HQMQ(96, 4, 1, 2, 16), NaiveInt(4), TurboQuantLike(4)], k, v, torch.randn(1, 4, 40, 16))
+    rows = evaluate_tensors([HQMQ(96, 4, 1, 2, 16), NaiveInt(4), TurboQuantLike(4)], k, v, torch.randn(1, 4, 40, 16))
     assert [r['name'] for r in rows] == ['s96r4', 'int4', 'tq4'] and all(0 < r['attn'] < 1 and r['bits'] > 4 for r in rows)
     assert rows[0]['mse_k'] < rows[1]['mse_k']   # HQMQ beats per-token int4 on heavy-tailed keys (synthetic)
 

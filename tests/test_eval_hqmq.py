@@ -1,7 +1,10 @@
 import math, pytest, torch
 from conftest import tiny_llama
-from tensormem.eval_hqmq import (Method, geometry, hqmq_method, paper_methods, outlier_fraction, claimed_bits,
-                                 evaluate_method, evaluate, format_table, target_report, dominated_by, pareto_plot, main)
+from tensormem.eval_hqmq import (Method, geometry, hqmq_method, paper_methods, outlier_fraction, claimed_bits, evaluate_method,
+                                 evaluate_model, format_table, target_report, target_verdict, gap_interval, dominated_by,
+                                 pareto_plot, parse_options, main)
+from tensormem.core import UsageError
+from tensormem.quant import FAMILY_STYLE
 from tensormem.hf_cache import QuantizedKVCache, CastQuantizer
 from tensormem.hqmq import HQMQ
 from tensormem.baselines import NaiveInt
@@ -13,9 +16,16 @@ def wins(n=2, L=24): return torch.randint(0, 61, (n, L), generator=torch.Generat
 
 def test_paper_methods_cover_the_table():
     names = [m.name for m in paper_methods()]
-    for n in ['fp16', 'int4', 'int3', 'int2', 'int4+Med3×', 's24r3', 's48r4', 's96r4', 's192r4', 's192r6',
-              's24r6+Med3×', 's96r6+Med3×', 's192r6+Med3×', 'KIVI-2', 'KIVI-4', 'TQ-3', 'TQ-4']: assert n in names
+    for n in ['fp16', 'int4', 'int3', 'int2', 'int4+med', 's24r3', 's48r4', 's96r4', 's192r4', 's192r6',
+              's24r6+med', 's96r6+med', 's192r6+med', 'kivi2', 'kivi4', 'tq3', 'tq4']: assert n in names
     assert len(set(names)) == len(names)
+
+def test_one_vocabulary(tiny):
+    "Every paper row is named and grouped exactly like its quantizer, and every family has a plot style."
+    for m in paper_methods()[1:]:
+        q = m.make(tiny.config); assert (m.name, m.family) == (q.name, q.family) and m.family in FAMILY_STYLE
+    for o in (None, 'med', 'med_row', 'med_token'):
+        m = hqmq_method(24, 3, o); q = m.make(tiny.config); assert (m.name, m.family) == (q.name, q.family)
 
 def test_geometry_and_hqmq_method(tiny):
     assert geometry(tiny.config) == (2, 2, 16)
@@ -36,27 +46,53 @@ def test_evaluate_method_bits_and_outliers(tiny):
 
 def test_evaluate_gap_and_lossless_row(tiny):
     w = wins()
-    rows = evaluate(tiny, w, [Method('fp16', 'fp16', lambda c: CastQuantizer()), Method('lossless', 'x', lambda c: CastQuantizer(None)),
+    rows = evaluate_model(tiny, w, [Method('fp16', 'fp16', lambda c: CastQuantizer()), Method('lossless', 'x', lambda c: CastQuantizer(None)),
                               Method('int2', 'naive int', lambda c: NaiveInt(2))], progress=False)
     assert rows[0]['gap'] == 0 and abs(rows[1]['gap']) < 1e-3 and rows[1]['measured'] == 32.0
     assert rows[2]['gap'] != 0
     t = format_table(rows); assert 'int2' in t and 'measured' in t
+    assert rows[0]['tokens'] == [23, 23] and len(rows[2]['nll']) == 2 and 'cannot judge' in target_report(rows)   # 46 tokens: no verdict
+
+def _rows(gaps, n=4, tokens=300, noise=0.):
+    "Made-up rows: fp16 with per-window NLL, and rows whose per-window NLL is `gap` above it (± `noise` alternating)."
+    base = [tokens * (2.3 + 0.05 * i) for i in range(n)]
+    def mk(name, fam, bits, g):
+        nll = [b + tokens * math.log1p(g) + (noise * tokens if i % 2 else -noise * tokens) * (g != 0) for i, b in enumerate(base)]
+        return dict(name=name, family=fam, measured=bits, nll=nll, tokens=[tokens] * n, ppl=math.exp(sum(nll) / (n * tokens)))
+    rows = [mk('fp16', 'fp16', 16, 0.)] + [mk(nm, fam, b, g) for nm, fam, b, g in gaps]
+    for r in rows: r['gap'] = r['ppl'] / rows[0]['ppl'] - 1
+    return rows
 
 def test_target_report_and_dominance():
-    mk = lambda n, f, b, p: dict(name=n, family=f, measured=b, ppl=p, gap=p / 10 - 1)
-    rows = [mk('fp16', 'fp16', 16, 10.), mk('int4', 'naive int', 4.25, 12.), mk('s96r4', 'HQMQ', 4.06, 10.05),
-            mk('int2', 'naive int', 2.25, 50.)]
+    rows = _rows([('int4', 'naive int', 4.25, 0.2), ('s96r4', 'HQMQ', 4.06, 0.005), ('int2', 'naive int', 2.25, 4.)])
     assert dominated_by(rows[1], rows)['name'] == 's96r4' and dominated_by(rows[3], rows) is None
     rep = target_report(rows)
-    assert 'YES' in rep and 's96r4' in rep and 'int2' in rep and 'NOT dominated' in rep
-    rows[2]['ppl'], rows[2]['gap'] = 10.5, 0.05
-    assert 'NO' in target_report(rows).splitlines()[0]
+    assert rep.startswith('within 1% of fp16 at ≤ 5.3 bits: YES — s96r4') and 'int2' in rep and 'NOT dominated' in rep
+    assert target_verdict(_rows([('s96r4', 'HQMQ', 4.06, 0.05)])).startswith('within 1% of fp16 at ≤ 5.3 bits: NO — closest s96r4')
+    assert 'cannot judge — the 95% intervals' in target_verdict(_rows([('s96r4', 'HQMQ', 4.06, 0.008)], noise=0.02))
+    assert 'cannot judge — 1 window(s)' in target_verdict(_rows([('s96r4', 'HQMQ', 4.06, 0.)], n=1, tokens=2000))
+    assert 'cannot judge — 4 window(s), 40 predicted tokens' in target_verdict(_rows([('s96r4', 'HQMQ', 4.06, 0.)], tokens=10))
+    assert 'no fp16 row' in target_verdict(rows[1:])
     assert pareto_plot(rows).axes[0].get_yscale() == 'log'
 
+def test_gap_interval_is_a_paired_bootstrap():
+    rows = _rows([('a', 'HQMQ', 4., 0.01)])
+    assert gap_interval(rows[1], rows[0]) == pytest.approx((0.01, 0.01))     # the same gap on every window: a point
+    lo, hi = gap_interval(*_rows([('a', 'HQMQ', 4., 0.01)], noise=0.01)[::-1])
+    assert lo < 0.01 < hi and gap_interval(*_rows([('a', 'HQMQ', 4., 0.01)], noise=0.01)[::-1], seed=0) == (lo, hi)
+    with pytest.raises(ValueError, match='same windows'): gap_interval(rows[1], _rows([], tokens=7)[0])
+
+@pytest.mark.parametrize('argv,msg', [(['--windows', '0'], '--windows must be ≥ 1'), (['--length', '1'], '--length must be ≥ 2'),
+    (['--windows', 'x'], 'invalid int value'), (['--methods', 'int9'], "unknown method(s) ['int9']"), (['--nope'], 'unrecognized arguments'),
+    (['--sinks', '-1'], '--sinks must be ≥ 0'), (['--dtype', 'int8'], 'invalid choice')])
+def test_bad_flags_raise_usage_error(argv, msg):
+    with pytest.raises(UsageError) as e: parse_options(argv)
+    assert msg in str(e.value) and '\n' not in str(e.value)
+
 def test_main_cli(tmp_path, capsys):
-    assert main(['--list']) == 0 and 's192r6+Med3×' in capsys.readouterr().out
-    with pytest.raises(SystemExit): main(['--methods', 'int9'])
+    assert main(['--list']) == 0 and 's192r6+med' in capsys.readouterr().out
+    with pytest.raises(UsageError): main(['--methods', 'int9'])
     out = tmp_path / 'p.png'
-    assert main(['--windows', '1', '--length', '24', '--methods', 'fp16,int4,s24r3', '--quiet', '--out', str(out)]) == 0
+    assert main(['--windows', '1', '--length', '2', '--methods', 'fp16,int4,s24r3', '--quiet', '--out', str(out)]) == 0   # the audit's case
     text = capsys.readouterr().out
-    assert out.stat().st_size > 1000 and 's24r3' in text and 'within 1% of fp16' in text
+    assert out.stat().st_size > 1000 and 's24r3' in text and 'within 1% of fp16 at ≤ 5.3 bits: cannot judge' in text   # one predicted-token window

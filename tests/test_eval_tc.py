@@ -3,8 +3,10 @@ import math
 import pytest, torch
 from hypothesis import given, settings, strategies as st
 from tensormem.lm import TinyLM
+from tensormem.core import UsageError
 from tensormem.eval_tc import (mqar_vocab, mqar_batch, lm_loss, train_lm, mqar_accuracy, recall_vs_pairs, byte_stream,
-                               random_crops, position_nll, stratified_nll, decode_scaling, state_bytes_after, gate_report)
+                               random_crops, position_nll, stratified_nll, decode_scaling, state_bytes_after, gate_report,
+                               memory_off, swap_prefix, main, tc_parser, scaling_table, mqar_table)
 
 
 
@@ -29,8 +31,8 @@ def test_mqar_batch_structure(B, N, gap, extra, nv, seed, data):
 
 
 def test_mqar_bad_input():
-    with pytest.raises(ValueError, match='`n_pairs` must be in'): mqar_batch(1, 9, 2, n_keys=8)
-    with pytest.raises(ValueError, match='`n_queries` must be in'): mqar_batch(1, 3, 2, n_keys=8, n_queries=4)
+    with pytest.raises(ValueError, match='`n_pairs` must be an int in'): mqar_batch(1, 9, 2, n_keys=8)
+    with pytest.raises(ValueError, match='`n_queries` must be an int in'): mqar_batch(1, 3, 2, n_keys=8, n_queries=4)
     with pytest.raises(ValueError, match='`gap` must be'): mqar_batch(1, 3, -1, n_keys=8)
 
 
@@ -106,3 +108,87 @@ def test_gate_report_initial_values():
     assert all(math.isclose(v, 0.05, rel_tol=1e-5) for v in r[1]['eta'])
     assert gate_report(TinyLM(10, 32, 1, 4, 'infini', window=4))[0]['gate'] == [0.5] * 4
     assert gate_report(TinyLM(10, 32, 1, 4, 'full')) == []
+
+
+EVAL_CASES = {   # name: (call, exception, message)
+    'steps = 0': (lambda m: train_lm(m, None, 0), ValueError, '`steps` must be an int ≥ 1, got 0'),
+    'float seed in decode_scaling': (lambda m: decode_scaling(m, [32], measure=16, seed=1.5), ValueError, '`seed` must be an int ≥ 0, got 1.5'),
+    'str seed in recall_vs_pairs': (lambda m: recall_vs_pairs(m, [1], seed='0'), ValueError, '`seed` must be an int ≥ 0'),
+    'float batch in mqar_batch': (lambda m: mqar_batch(2.0, 3, 4), ValueError, '`batch_size` must be an int ≥ 1'),
+    'negative gap': (lambda m: mqar_batch(2, 3, -4), ValueError, '`gap` must be an int ≥ 0'),
+    'float token ids to position_nll': (lambda m: position_nll(m, torch.zeros(2, 5)), TypeError, '`seqs` must hold integer token ids'),
+    'one-token windows to position_nll': (lambda m: position_nll(m, torch.zeros(2, 1, dtype=torch.long)), ValueError, '≥ 2 tokens'),
+    'no sequences to position_nll': (lambda m: position_nll(m, torch.zeros(0, 5, dtype=torch.long)), ValueError, '≥ 1 sequence'),
+    'out-of-vocabulary ids to position_nll': (lambda m: position_nll(m, torch.full((2, 5), 99)), ValueError, '`idx` holds ids outside [0, 49)'),
+    'swap_prefix with one sequence': (lambda m: swap_prefix(torch.zeros(1, 5, dtype=torch.long), 2), ValueError, '`seqs` needs ≥ 2 sequences'),
+    'swap_prefix beyond T': (lambda m: swap_prefix(torch.zeros(2, 5, dtype=torch.long), 6), ValueError, '`n` must be an int in [0, 5]'),
+    'zero-length crops': (lambda m: random_crops(torch.arange(10), 2, 0), ValueError, '`length` must be an int ≥ 1'),
+    'negative T in state_bytes_after': (lambda m: state_bytes_after(m, -1), ValueError, '`T` must be an int ≥ 0'),
+}
+
+
+@pytest.mark.parametrize('case', list(EVAL_CASES))
+def test_bad_input_table(case):
+    import re
+    call, err, msg = EVAL_CASES[case]
+    with pytest.raises(err, match=re.escape(msg)): call(TinyLM(mqar_vocab(32, 16), 32, 1, 4, 'tensor_cache', window=4).eval())
+
+
+def test_memory_off_closes_and_restores_gates():
+    torch.manual_seed(0)
+    for mode in ('tensor_cache', 'infini'):
+        m = TinyLM(20, 32, 2, 4, mode, window=4, **({'gate_init': 3.0} if mode == 'tensor_cache' else {})).eval()
+        x = torch.randint(0, 20, (2, 24))
+        with torch.no_grad():
+            before = m(x)
+            with memory_off(m): off = m(x)
+            assert torch.equal(m(x), before)                                  # restored
+            for b in m.blocks:                                                # the reference: the memory read zeroed out
+                if mode == 'tensor_cache': b.attn.W_tc.weight.zero_()
+                else: b.attn.beta.fill_(-math.inf)
+            torch.testing.assert_close(off, m(x))
+        assert not torch.equal(off, before)                                   # the memory mattered beyond the window
+
+
+def test_swap_prefix_is_invisible_to_the_window_beyond_its_reach():
+    "Replace the first n tokens: a window model's NLL beyond n + L(W−1) is bit-identical, Tensor Cache's may move."
+    torch.manual_seed(0); L, W, n = 2, 4, 8
+    seqs = torch.randint(0, 30, (4, 40))
+    sw = swap_prefix(seqs, n)
+    assert torch.equal(sw[:, n:], seqs[:, n:]) and torch.equal(sw[1, :n], seqs[0, :n])
+    far = n + L * (W - 1)
+    win = TinyLM(30, 32, L, 4, 'window', window=W).eval()
+    assert torch.equal(position_nll(win, sw)[far:], position_nll(win, seqs)[far:])
+    tc = TinyLM(30, 32, L, 4, 'tensor_cache', window=W, gate_init=3.0).eval()
+    assert not torch.equal(position_nll(tc, sw)[far:], position_nll(tc, seqs)[far:])
+
+
+def test_console_job_runs_small_and_refuses_bad_options(capsys):
+    assert main(['--contexts', '16,32', '--measure', '8', '--mqar-steps', '2', '--batch', '2']) == 0
+    out = capsys.readouterr().out
+    assert 'decode scaling on' in out and 'Infini-style' in out and 'MQAR on' in out and 'tensor_cache W=4' in out
+    for bad, msg in ((['--seed', '1.5'], "invalid int value: '1.5'"), (['--seed', '-1'], '--seed must be ≥ 0'),
+                     (['--contexts', 'a,b'], 'expected comma-separated ints'), (['--measure', '0'], '--measure must be ≥ 1'),
+                     (['--contexts', '8', '--measure', '16'], '--measure (16) must be ≤ the smallest context (8)'),
+                     (['--threads', '0'], '--threads must be ≥ 1'), (['--device', 'nonsense'], "unknown --device 'nonsense'"),
+                     (['--frobnicate'], 'unrecognized arguments')):
+        with pytest.raises(UsageError, match=re_escape(msg)): main(bad)
+    with pytest.raises(SystemExit) as e: main(['--help'])
+    assert e.value.code == 0 and 'tensormem eval tc' in capsys.readouterr().out
+
+
+def test_console_job_defaults_are_small():
+    a = tc_parser().parse_args([])
+    assert max(a.contexts) <= 1024 and a.mqar_steps <= 200 and a.batch <= 16
+    assert mqar_table('cpu', 1, 2)[0].startswith('MQAR on cpu') and len(scaling_table('cpu', [8], 4)) == 5
+
+
+@pytest.mark.parametrize('mode', ['tensor_cache', 'full'])
+def test_evaluations_move_inputs_to_the_model_device(mode):
+    "A model on `meta` gets its inputs on `meta` (the GPU door): nothing is computed on the CPU by mistake."
+    m = TinyLM(mqar_vocab(8, 4), 32, 1, 4, mode, window=4).to('meta').eval()
+    x, y = mqar_batch(2, 2, 2, n_keys=8, n_values=4)
+    with pytest.raises((RuntimeError, NotImplementedError), match='meta'): mqar_accuracy(m, x, y)   # ran on meta, then read a value
+
+
+def re_escape(s): import re; return re.escape(s)

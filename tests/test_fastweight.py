@@ -96,3 +96,62 @@ def test_bad_input():
     with pytest.raises(TypeError, match='`v` must be a torch.Tensor'): check_writes(A, k, v.tolist(), lam, eta)
 
 
+
+
+def test_huge_chunk_is_sized_by_T():
+    "`chunk` far above T allocates by T: chunk=10**9 on 6 tokens runs at once (it once asked for ~8 GB)."
+    A, k, v, lam, eta = _inputs(5, 1, 2, 6, 3, 3, torch.float64)
+    t0 = time.perf_counter()
+    for f in (write_scan, lambda *a: scan_states(*a)[0], write_chunk_mean):
+        torch.testing.assert_close(f(A, k, v, lam, eta, 10**9), write_tokens(A, k, v, lam, eta) if f is not write_chunk_mean
+                                   else write_chunk_mean(A, k, v, lam, eta, 6))
+    assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize('lam', [0.995, 0.999])
+@pytest.mark.parametrize('how', ['bf16 inputs', 'fp16 inputs', 'autocast'])
+def test_half_precision_keeps_decay(lam, how):
+    "λ and η stay float32 under 16-bit activations (bf16 would round 0.995 to 0.99609 and 0.999 to 1.0): compare with fp64."
+    g = torch.Generator().manual_seed(0)
+    dt = torch.float16 if how == 'fp16 inputs' else torch.bfloat16
+    k, v = torch.randn(2, 1, 2, 512, 16, generator=g, dtype=torch.float64).to(dt)
+    k = (k.double() / k.double().norm(dim=-1, keepdim=True)).to(dt); A0 = torch.zeros(1, 2, 16, 16, dtype=dt)
+    ref = write_tokens(A0.double(), k.double(), v.double(), lam, 0.05)
+    rel = lambda a: ((a.double() - ref).norm() / ref.norm()).item()
+    if how == 'autocast':
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            got = [f(A0.float(), k.float(), v.float(), lam, 0.05, 64) for f in (write_scan, write_chunk_mean)][0]
+            loop = write_tokens(A0.float(), k.float(), v.float(), lam, 0.05)
+        assert got.dtype == torch.float32
+    else:
+        got, loop = write_scan(A0, k, v, lam, 0.05, 64), write_tokens(A0, k, v, lam, 0.05)
+        assert got.dtype == dt and loop.dtype == dt
+    assert rel(got) < 5e-3 and rel(loop) < 5e-3
+    assert check_writes(A0, k, v, lam, 0.05)[0].dtype == torch.float32
+
+
+def test_rates_keep_float64():
+    A, k, v, lam, eta = _inputs(6, 1, 2, 5, 3, 3, torch.float64)
+    assert all(r.dtype == torch.float64 for r in check_writes(A, k, v, 0.9, 0.1))
+
+
+@pytest.mark.parametrize('case, call, err, match', [
+    ('empty T', lambda A, k, v: write_scan(A, k[:, :, :0], v[:, :, :0], 0.9, 0.1, 4), None, None),
+    ('empty B', lambda A, k, v: write_scan(A[:0], k[:0], v[:0], 0.9, 0.1, 4), None, None),
+    ('meta inputs', lambda A, k, v: write_scan(A.to('meta'), k.to('meta'), v.to('meta'), 0.9, 0.1, 4), ValueError, '`A` is a meta tensor'),
+    ('mixed devices', lambda A, k, v: write_scan(A, k.to('meta'), v, 0.9, 0.1, 4), ValueError, '`k` is on meta, `A` on cpu'),
+    ('float chunk', lambda A, k, v: write_scan(A, k, v, 0.9, 0.1, 4.0), ValueError, '`chunk` must be an int'),
+    ('nan lam', lambda A, k, v: write_scan(A, k, v, float('nan'), 0.1, 4), ValueError, '`lam` must lie strictly inside'),
+    ('int A', lambda A, k, v: write_scan(A.long(), k, v, 0.9, 0.1, 4), TypeError, '`A` must be a floating tensor'),
+    ('inf v', lambda A, k, v: write_tokens(A, k, v * float('inf'), 0.9, 0.1), ValueError, '`v` contains NaN or Inf'),
+])
+def test_bad_or_edge_inputs(case, call, err, match):
+    "Table: each unusual input gives a clear error naming the argument, or a correct result."
+    A, k, v, _, _ = _inputs(7, 2, 2, 5, 3, 3, torch.float32)
+    if err is not None:
+        with pytest.raises(err, match=match): call(A, k, v)
+        return
+    out = call(A, k, v)
+    if case == 'empty T': torch.testing.assert_close(out, A)                     # no writes: A unchanged (λ⁰ = 1)
+    elif case == 'empty B': assert out.shape == (0, 2, 3, 3)
+    else: raise AssertionError(case)

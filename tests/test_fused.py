@@ -1,12 +1,40 @@
 "Fused HQMQ decode in transformers (11_fused_decode): the append-only store, the kernel over it, generate() through it."
-import math, pytest, torch
+import ast, math, subprocess, sys, pytest, torch
 from hypothesis import given, settings, strategies as st
-from conftest import tiny_llama
-from tensormem.hqmq import HQMQ, HQMQPacked, synthetic_kv, codes_equal, unpack_bits
+from tensormem.hf_cache import tiny_llama
+from tensormem.hqmq import HQMQ, HQMQPacked
+from tensormem.quant import synthetic_kv, codes_equal, unpack_bits
 from tensormem.hf_cache import QuantizedKVCache
-from tensormem.kernels import decode_attention_sources
+from tensormem.ops.hqmq import decode_attention_sources
 import tensormem.fused as fused
 from tensormem.fused import HQMQStore, FusedHQMQCache, FusedKV, enable_fused_hqmq, left_padding_starts
+
+
+def test_fused_loads_no_tensor_cache_module():
+    "The HQMQ decode path does not drag in Tensor Cache: no tensor_cache, fastweight, lm or ops.dla module is imported."
+    code = "import sys, tensormem.fused; print(sorted(m for m in sys.modules if m.startswith('tensormem')))"
+    mods = ast.literal_eval(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    assert 'tensormem.fused' in mods and 'tensormem.ops.hqmq' in mods
+    bad = [m for m in mods if m.split('.')[-1] in ('tensor_cache', 'fastweight', 'lm', 'dla', 'tensor_memory', 'voxel')]
+    assert not bad, bad
+
+
+def test_padded_sinks_attend_matches_reference():
+    "Left padding with sinks: each row's sinks are its own first real tokens (exact), the rest attended through the kernel."
+    hq = HQMQ(6, 3, 1, 2, 8, outliers='med')
+    lay = fused.FusedHQMQLayer(hq, 0, sink_tokens=2, backend='triton')
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g)
+    pos = torch.tensor([list(range(9)), [1] * 4 + list(range(5))])
+    lay.update(k, v, position_ids=pos)
+    assert lay.starts.tolist() == [0, 4] and (lay.packed_start, lay.plain_end) == (2, 6)
+    for t in range(2):
+        h, _ = lay.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        assert isinstance(h, FusedKV)
+    T = lay.cumulative_length
+    mask = (torch.arange(T)[None] >= lay.starts[:, None])[:, None, None]
+    q = torch.randn(2, 4, 1, 8, generator=g)
+    torch.testing.assert_close(lay.attend(q, mask), lay.attend_reference(q, mask), atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=12, deadline=None)
@@ -128,7 +156,7 @@ def test_backend_choice_and_errors():
 
 
 def test_dense_outliers_append_equals_compact():
-    from tensormem.kernels import hqmq_encode
+    from tensormem.ops.hqmq import hqmq_encode
     for mode in ('med_token', 'med', 'med_row'):
         hq = HQMQ(12, 3, 1, 2, 20, outliers=mode)
         x = synthetic_kv(2, 2, 37, 20, seed=4)
@@ -142,7 +170,7 @@ def test_dense_outliers_append_equals_compact():
 
 @pytest.mark.filterwarnings('ignore::RuntimeWarning')   # the interpreter's fp16 cast of the overflowing value
 def test_unchecked_encode_poisons_non_finite_tokens():
-    from tensormem.kernels import hqmq_encode
+    from tensormem.ops.hqmq import hqmq_encode
     hq = HQMQ(6, 3, 1, 2, 8, outliers='med_token')
     x = synthetic_kv(1, 2, 5, 8, seed=1)
     x[0, 1, 3, 2] = float('nan'); x[0, 0, 1, 0] = 1e6          # a NaN, and a norm beyond fp16 (σ would overflow)

@@ -76,9 +76,21 @@ def test_layer_keeps_list_without_cat():
     for t in (3, 1, 1): lay.update(torch.randn(1, 2, t, 4), torch.randn(1, 2, t, 4))
     assert len(lay.packed['k']) == 3 and lay.nbytes() == 2 * 1 * 2 * 5 * 4 * 4
 
-def test_beam_search_refused():
-    lay = QuantizedKVLayer(Int8(), 0); lay.update(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
-    with pytest.raises(NotImplementedError): lay.reorder_cache(torch.tensor([0]))
+def test_beam_search_unknown_packed_type_refused_unchanged():
+    "A packed class that is neither a tensormem `Packed` nor has `select_batch` cannot be reordered: a clear error, nothing moved."
+    lay = QuantizedKVLayer(Int8(), 0, sink_tokens=1); k = torch.randn(2, 1, 3, 4); lay.update(k, k)
+    before = lay._history('k', k.dtype)
+    with pytest.raises(TypeError, match='select_batch'): lay.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(lay._history('k', k.dtype), before) and torch.equal(lay.keys, k[:, :, :1])
+
+def test_beam_search_lossless_layer():
+    lay = QuantizedKVLayer(CastQuantizer(None), 0, sink_tokens=2); ref = DynamicLayer()
+    k = torch.randn(3, 2, 5, 4)
+    lay.update(k, k); ref.update(k, k)
+    for op, arg in (('reorder_cache', torch.tensor([2, 0, 0])), ('batch_repeat_interleave', 2), ('batch_select_indices', torch.tensor([5, 1]))):
+        getattr(lay, op)(arg); getattr(ref, op)(arg)
+        assert torch.equal(lay._history('k', k.dtype), ref.keys) and lay._shape[0] == ref.keys.shape[0]
+    kn = torch.randn(2, 2, 1, 4); assert torch.equal(lay.update(kn, kn)[0], ref.update(kn, kn)[0])
 
 # ---- cache on a tiny GQA Llama ----
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])

@@ -3,9 +3,10 @@ import math
 import pytest, torch
 from hypothesis import given, settings, strategies as st
 from tensormem.quaternion import qmul, hurwitz_units
-from tensormem.hqmq import (HQMQ, HQMQPacked, secondary_codebooks, joint_codebook, search_directions, pack_bits, unpack_bits,
-                            pack_digits, unpack_digits, digits_per_word, index_layout, IndexLayout, kv_cache_bytes, chunk_norms,
-                            radius_code, outlier_mask, synthetic_kv, codes_equal, attention_error, merge_outliers, check_kv)
+from tensormem.hqmq import (HQMQ, HQMQPacked, secondary_codebooks, joint_codebook, search_directions, pack_digits, unpack_digits,
+                            digits_per_word, index_layout, IndexLayout, radius_code)
+from tensormem.quant import (pack_bits, unpack_bits, kv_cache_bytes, chunk_norms, outlier_mask, synthetic_kv, codes_equal,
+                             attention_error, merge_outliers, check_kv)
 
 FAST = settings(max_examples=12, deadline=None)
 
@@ -181,7 +182,7 @@ def test_bad_inputs():
              (lambda: HQMQ(0, 3, 1, 1, 8), '`S`'), (lambda: HQMQ(5000, 3, 1, 1, 8), '`S`'), (lambda: HQMQ(24, 0, 1, 1, 8), '`radius_bits`'),
              (lambda: HQMQ(24, 9, 1, 1, 8), '`radius_bits`'), (lambda: HQMQ(24, 3, 1, 1, 8, outliers='x'), '`outliers`'),
              (lambda: HQMQ(24, 3, 1, 1, 8, C=0), '`C`'), (lambda: HQMQ(24, 3, 1, 1, 8, encoder='x'), '`encoder`'),
-             (lambda: HQMQ(48, 3, 2, 3, 8).dequantize(q.quantize(x, 0, 'k')), 'HQMQPacked made by s48r3'),
+             (lambda: HQMQ(48, 3, 2, 3, 8).dequantize(q.quantize(x, 0, 'k')), 'made by another quantizer configuration'),
              (lambda: HQMQPacked.cat([q.quantize(x, 0, 'k'), q.quantize(x, 1, 'k')]), 'different `layer`')]
     for f, msg in cases:
         with pytest.raises((ValueError, TypeError), match=None) as e: f()

@@ -152,9 +152,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match='`mode` must be one of'): TinyLM(10, mode='linear')
     with pytest.raises(ValueError, match='divisible by `n_heads`'): FullAttention(30, 4)
     with pytest.raises(ValueError, match='must be even'): FullAttention(12, 4)
-    with pytest.raises(ValueError, match='`window` must be a positive int'): WindowAttention(32, 4, 0)
+    with pytest.raises(ValueError, match='`window` must be an int ≥ 1'): WindowAttention(32, 4, 0)
     with pytest.raises(ValueError, match='`n_sink` must be'): WindowAttention(32, 4, 4, 4)
-    with pytest.raises(ValueError, match='`window` must be a positive int'): InfiniAttention(32, 4, -1)
+    with pytest.raises(ValueError, match='`window` must be an int ≥ 1'): InfiniAttention(32, 4, -1)
     with pytest.raises(ValueError, match='`chunk` must be an int'): InfiniAttention(32, 4, 8, chunk=0)
     with pytest.raises(ValueError, match='`x` must have last dim 32'): FullAttention(32, 4)(torch.randn(1, 3, 16))
     with pytest.raises(TypeError, match='`idx` must hold integer token ids'): TinyLM(10)(torch.randn(1, 3))
@@ -186,7 +186,7 @@ def test_unscanned_nan_shows_in_its_own_sequence(mode):
     y = stream(att, x)
     assert y[0, 2].isnan().all() and y[1].isfinite().all() and y[0, :2].isfinite().all()
     with torch.no_grad(): assert att(x)[0, 2].isnan().all()
-    with pytest.raises(ValueError, match='`x_t` is on meta, the decoding state on cpu'):
+    with pytest.raises(ValueError, match='`x_t` is on meta, the layer on cpu'):
         att.step(torch.empty(2, 32, device='meta'), att.init_state(2))
 
 
@@ -203,3 +203,59 @@ def test_infini_read_is_scan_read_and_matches_naive_loop():
         n, d = shifted_linear_read(phq, phk, v, W, C)
         torch.testing.assert_close(n, torch.stack(num, 2), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(d, torch.stack(den, 2), rtol=1e-12, atol=1e-12)
+
+
+def _lm(mode='tensor_cache', **kw): return TinyLM(50, 32, 2, 4, mode, window=4, n_sink=1, **kw).eval()
+
+
+LM_CASES = {   # name: (call, expected exception or None, message or result check)
+    'out-of-vocabulary id': (lambda m: m(torch.tensor([[1, 50]])), ValueError, '`idx` holds ids outside [0, 50): min 1, max 50'),
+    'negative id': (lambda m: m(torch.tensor([[-1, 2]])), ValueError, '`idx` holds ids outside [0, 50)'),
+    'out-of-vocabulary id in step': (lambda m: m.step(torch.tensor([77]), m.init_state(1)), ValueError, '`idx_t` holds ids outside'),
+    'float token ids': (lambda m: m(torch.zeros(1, 3)), TypeError, '`idx` must hold integer token ids, got torch.float32'),
+    'bool token ids': (lambda m: m.step(torch.zeros(1, dtype=torch.bool), m.init_state(1)), TypeError, '`idx_t` must hold integer token ids'),
+    'meta ids, cpu model': (lambda m: m(torch.zeros(1, 3, dtype=torch.long, device='meta')), ValueError, '`idx` is on meta, the model on cpu'),
+    'B = 0': (lambda m: m(torch.zeros(0, 5, dtype=torch.long)), None, lambda y: y.shape == (0, 5, 50)),
+    'T = 0': (lambda m: m(torch.zeros(2, 0, dtype=torch.long)), None, lambda y: y.shape == (2, 0, 50)),
+    'B = 0 step': (lambda m: m.step(torch.zeros(0, dtype=torch.long), m.init_state(0))[0], None, lambda y: y.shape == (0, 50)),
+    'empty prompt': (lambda m: generate(m, torch.zeros(1, 0, dtype=torch.long), 3), ValueError, '`prompt` must hold at least one token'),
+    'n_new = -1': (lambda m: generate(m, torch.zeros(1, 2, dtype=torch.long), -1), ValueError, '`n_new` must be an int ≥ 0, got -1'),
+    'n_new = 2.5': (lambda m: generate(m, torch.zeros(1, 2, dtype=torch.long), 2.5), ValueError, '`n_new` must be an int ≥ 0'),
+    'temperature = -1': (lambda m: generate(m, torch.zeros(1, 2, dtype=torch.long), 2, temperature=-1), ValueError, '`temperature` must be a finite number ≥ 0'),
+    'temperature = nan': (lambda m: generate(m, torch.zeros(1, 2, dtype=torch.long), 2, temperature=float('nan')), ValueError, '`temperature` must be'),
+    'seed instead of generator': (lambda m: generate(m, torch.zeros(1, 2, dtype=torch.long), 2, generator=3), TypeError, '`generator` must be a torch.Generator'),
+    'n_new = 0': (lambda m: generate(m, torch.zeros(1, 2, dtype=torch.long), 0), None, lambda y: y.shape == (1, 2)),
+    'fp16 input to fp32 attention': (lambda m: m.blocks[0].attn(torch.randn(1, 3, 32).half()), TypeError, '`x` is torch.float16 but the layer is torch.float32'),
+    'meta input to cpu attention': (lambda m: m.blocks[0].attn(torch.randn(1, 3, 32, device='meta')), ValueError, '`x` is on meta, the layer on cpu'),
+    'window-6 state into window-4 model': (lambda m: m.step(torch.zeros(1, dtype=torch.long), TinyLM(50, 32, 2, 4, 'tensor_cache', window=6).init_state(1)),
+                                           ValueError, '`state` was made for n_sink=0, window=6'),
+    'vocab_size = 0': (lambda m: TinyLM(0), ValueError, '`vocab_size` must be an int ≥ 1'),
+    'batch_size = -1': (lambda m: m.init_state(-1), ValueError, '`batch_size` must be an int ≥ 0'),
+}
+
+
+@pytest.mark.parametrize('mode', ['tensor_cache', 'full', 'window', 'sinks', 'infini'])
+@pytest.mark.parametrize('case', list(LM_CASES))
+def test_bad_or_unusual_input_table(mode, case):
+    "Every unusual input: a clear error naming the argument, or a correct result — in every attention mode."
+    import re
+    call, err, check = LM_CASES[case]
+    if case == 'window-6 state into window-4 model' and mode != 'tensor_cache': pytest.skip('dict states of the other modes carry no geometry')
+    m = _lm(mode)
+    if err is not None:
+        with pytest.raises(err, match=re.escape(check)): call(m)
+    else:
+        with torch.no_grad(): assert check(call(m))
+
+
+@pytest.mark.parametrize('mode', ['tensor_cache', 'infini'])
+def test_bf16_model_streams_like_parallel(mode):
+    "A bfloat16 LM: the memories accumulate in float32 in both forms, so streaming and parallel agree to bf16 rounding."
+    torch.manual_seed(0)
+    m = TinyLM(50, 32, 2, 4, mode, window=4).to(torch.bfloat16).eval(); idx = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        st = m.init_state(2); out = []
+        for t in range(30): lo, st = m.step(idx[:, t], st); out.append(lo)
+        par = m(idx)
+    rel = ((torch.stack(out, 1).float() - par.float()).norm() / par.float().norm()).item()
+    assert rel < 0.05

@@ -61,3 +61,34 @@ def test_perplexity_fresh_cache_per_window_and_bytes(tiny):
 
 def test_window_nll_bad_ids(tiny):
     with pytest.raises(ValueError, match='`ids`'): window_nll(tiny, torch.zeros(5, dtype=torch.long))
+
+def test_perplexity_bad_windows_clear_errors(tiny):
+    wins = torch.randint(0, 61, (3, 8), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match='≥ 2 tokens'): perplexity(tiny, wins[:, :1], progress=False)   # was ZeroDivisionError
+    with pytest.raises(ValueError, match='≥ 1 window'): perplexity(tiny, wins[:0], progress=False)
+    with pytest.raises(TypeError, match='integer token ids'): perplexity(tiny, wins.float(), progress=False)
+    with pytest.raises(TypeError, match='integer token ids'): perplexity(tiny, wins.bool(), progress=False)
+    with pytest.raises(ValueError, match='`wins` must have 2 dims'): perplexity(tiny, wins[None], progress=False)
+    with pytest.raises(ValueError, match=r"\[0, 61\).*got ids in \[61, 61\]"): perplexity(tiny, torch.full((1, 4), 61), progress=False)
+    with pytest.raises(ValueError, match='vocabulary'): perplexity(tiny, wins - 1 - wins.max(), progress=False)
+    with pytest.raises(ValueError, match='`batch_size`'): perplexity(tiny, wins, batch_size=0, progress=False)
+    with pytest.raises(TypeError, match='`make_cache`'): perplexity(tiny, wins, make_cache=16, progress=False)
+    assert perplexity(tiny, wins.int(), progress=False).tokens == 3 * 7          # int32 ids are ids too
+
+def test_window_nll_bad_ids_named(tiny):
+    with pytest.raises(ValueError, match='`ids`.*≥ 2 tokens'): window_nll(tiny, torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(TypeError, match='`ids` must hold integer'): window_nll(tiny, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match='`ids`.*vocabulary'): window_nll(tiny, torch.full((1, 5), 100))
+
+def test_windows_bad_length_and_n():
+    s = torch.arange(20)
+    with pytest.raises(ValueError, match='`length`'): windows(s, 2.5)
+    with pytest.raises(ValueError, match='`n`'): windows(s, 5, 0)
+    with pytest.raises(ValueError, match='`n`'): windows(s, 5, 1.0)
+
+def test_cache_bytes_per_window_with_partial_last_batch(tiny):
+    "3 windows in batches of 2 hold what 3 windows in batches of 1 hold: bytes per window are total / windows."
+    wins = torch.randint(0, 61, (3, 8), generator=torch.Generator().manual_seed(3))
+    mk = lambda c: QuantizedKVCache(c, CastQuantizer(torch.float16))
+    a, b = perplexity(tiny, wins, mk, batch_size=2, progress=False), perplexity(tiny, wins, mk, progress=False)
+    assert a.cache_bytes == b.cache_bytes == 2 * 2 * 2 * 8 * 8 * 2

@@ -390,7 +390,7 @@ def test_unscanned_nan_propagates_to_its_own_sequence():
 
 def test_step_checks_device_against_the_state():
     mod = TensorCacheAttention(32, 4, 8)
-    with pytest.raises(ValueError, match='`x_t` is on meta, the decoding state on cpu'):
+    with pytest.raises(ValueError, match='`x_t` is on meta, the layer on cpu'):
         mod.step(torch.empty(2, 32, device='meta'), mod.init_state(2))
     with pytest.raises(TypeError, match='`x` must be a torch.Tensor'): check_input([1.0], 'x')
 
@@ -421,3 +421,84 @@ def test_scan_read_matches_per_token_loop(T, C, seed):
     for t in range(T):
         A = lam[:, None, None] * A + eta[:, None, None] * k[:, :, t, :, None] * v[:, :, t, None, :]; ref.append((q[:, :, t, None] @ A)[:, :, 0])
     torch.testing.assert_close(scan_read(q, k, v, lam, eta, C), torch.stack(ref, 2), rtol=1e-12, atol=1e-12)
+
+
+def _l2_read(mod, x, streaming=False):
+    "The L2 read `r` at every position, as W_tc receives it, in float64."
+    got = []; h = mod.W_tc.register_forward_hook(lambda m, i, o: got.append(i[0]))
+    with torch.no_grad(): mod.stream(x) if streaming else mod(x)
+    h.remove(); return torch.cat([r.reshape(x.shape[0], -1, x.shape[-1]) for r in got], 1).double()
+
+
+@pytest.mark.parametrize('lam', [0.995, 0.999])
+@pytest.mark.parametrize('how', ['bf16 module', 'fp16 module', 'bf16 autocast', 'bf16 streaming'])
+@pytest.mark.parametrize('rule', ['outer', 'delta'])
+def test_half_precision_l2_read_matches_fp64(lam, how, rule):
+    "λ, η and the L2 sums stay in fp32 under 16-bit activations: the read agrees with fp64 to 16-bit rounding (it was 15–24 % off)."
+    torch.manual_seed(0)
+    T = 40 if rule == 'delta' else 240
+    m64 = TensorCacheAttention(32, 2, 8, lam=lam, rope=True, rule=rule).double()
+    mod = TensorCacheAttention(32, 2, 8, lam=lam, rope=True, rule=rule); mod.load_state_dict(m64.state_dict())
+    dt = torch.float16 if how == 'fp16 module' else torch.bfloat16
+    if how != 'bf16 autocast': mod.to(dt)
+    assert mod.lam_logit.dtype == torch.float32 and abs(mod.lam[0].item() - lam) < 1e-6
+    x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _l2_read(m64, x, how == 'bf16 streaming')
+    if how == 'bf16 autocast':
+        with torch.autocast('cpu', dtype=torch.bfloat16): got = _l2_read(mod, x.float())
+    else: got = _l2_read(mod, x.to(dt), how == 'bf16 streaming')
+    assert ((got - ref)[:, 8:].norm() / ref[:, 8:].norm()).item() < 0.02
+
+
+def test_half_state_keeps_A_in_fp32():
+    mod = TensorCacheAttention(16, 2, 4).to(torch.bfloat16)
+    st = mod.init_state(2)
+    assert st.A.dtype == torch.float32 and st.ring_k.dtype == torch.bfloat16
+    with torch.no_grad(): y, st = mod.stream(torch.randn(2, 9, 16).bfloat16(), state=st)
+    assert y.dtype == torch.bfloat16 and st.A.dtype == torch.float32 and st.A.abs().max() > 0
+
+
+def _tc_case(case):
+    "Build (callable, expected exception or None, match or a result check) for one unusual input."
+    mod = TensorCacheAttention(16, 2, 4, n_sink=1, rope=True)
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad(): _, st6 = TensorCacheAttention(16, 2, 6, n_sink=1).stream(x)
+    return {
+        'window-6 state into window-4 layer': (lambda: mod.step(x[:, 0], st6), ValueError, '`state` was made for n_sink=1, window=6'),
+        'state of another head dim': (lambda: mod.step(x[:, 0], TensorCacheAttention(16, 4, 4, n_sink=1).init_state(2)), ValueError, '4 heads of dim 4'),
+        'dict as state': (lambda: mod.step(x[:, 0], {'t': 0}), TypeError, '`state` must be a TCState'),
+        'B = 0 forward': (lambda: mod(x[:0]), None, lambda y: y.shape == (0, 7, 16)),
+        'T = 0 forward': (lambda: mod(x[:, :0]), None, lambda y: y.shape == (2, 0, 16)),
+        'T = 0 stream': (lambda: mod.stream(x[:, :0])[0], None, lambda y: y.shape == (2, 0, 16)),
+        'B = 0 stream': (lambda: mod.stream(x[:0])[0], None, lambda y: y.shape == (0, 7, 16)),
+        'B = 0 state': (lambda: mod.init_state(0).A, None, lambda A: A.shape == (0, 2, 8, 8)),
+        'negative batch_size': (lambda: mod.init_state(-1), ValueError, '`batch_size` must be an int ≥ 0'),
+        'meta input, cpu layer': (lambda: mod(x.to('meta')), ValueError, '`x` is on meta, the layer on cpu'),
+        'meta input to step': (lambda: mod.step(x[:, 0].to('meta'), mod.init_state(2)), ValueError, '`x_t` is on meta, the layer on cpu'),
+        'meta layer and input': (lambda: TensorCacheAttention(16, 2, 4).to('meta')(x.to('meta')), None, lambda y: y.device.type == 'meta'),
+        'fp16 input, fp32 layer': (lambda: mod(x.half()), TypeError, '`x` is torch.float16 but the layer is torch.float32'),
+        'fp64 input, fp32 layer': (lambda: mod.stream(x.double()), TypeError, '`x` is torch.float64 but the layer is torch.float32'),
+        'int input': (lambda: mod(x.long()), TypeError, '`x` must be a floating tensor'),
+        'NaN input': (lambda: mod(x * float('nan')), ValueError, '`x` contains NaN or Inf'),
+        'wrong width': (lambda: mod(x[..., :15]), ValueError, '`x` must have last dim 16'),
+        'pad_mask of wrong shape': (lambda: mod(x, torch.ones(2, 6)), ValueError, '`pad_mask` must be a tensor of shape [2, 7]'),
+        'float chunk': (lambda: TensorCacheAttention(16, 2, 4, chunk=8.0), ValueError, '`chunk` must be an int ≥ 1'),
+        'λ = 1': (lambda: TensorCacheAttention(16, 2, 4, lam=1.0), ValueError, '`lam` must lie strictly inside (0, 1)'),
+    }[case]
+
+
+@pytest.mark.parametrize('case', ['window-6 state into window-4 layer', 'state of another head dim', 'dict as state', 'B = 0 forward',
+                                  'T = 0 forward', 'T = 0 stream', 'B = 0 stream', 'B = 0 state', 'negative batch_size',
+                                  'meta input, cpu layer', 'meta input to step', 'meta layer and input', 'fp16 input, fp32 layer',
+                                  'fp64 input, fp32 layer', 'int input', 'NaN input', 'wrong width', 'pad_mask of wrong shape',
+                                  'float chunk', 'λ = 1'])
+def test_bad_or_unusual_input_table(case):
+    "Each unusual input: a clear error naming the argument, or a correct result."
+    call, err, check = _tc_case(case)
+    if err is not None:
+        with pytest.raises(err, match=re_escape(check)): call()
+    else:
+        with torch.no_grad(): assert check(call())
+
+
+def re_escape(s): import re; return re.escape(s)

@@ -73,7 +73,20 @@ BAD_INTS = [
     (lambda v: moving_digits_task(v), '`n` must be an int ≥ 1', (True, 2.0, 0)),
     (lambda v: moving_digits_task(2, seed=v), '`seed` must be an int ≥ 0', (True, -1)),
     (lambda v: SlotMemory(8, chunk_size=v), '`chunk_size` must be an int ≥ 1', (True, 2.0, 0, -1)),
+    (lambda v: binding_task(2, n_values=v), '`n_values` must be an int ≥ 1', (True, 2.0, 0)),
+    (lambda v: counter_task(2, length=v), '`length` must be an int ≥ 1', (True, 2.0, 0)),
+    (lambda v: counter_task(2, vocab=v), '`vocab` must be an int ≥ 1', (True, 16.0, 0)),
+    (lambda v: make_backbone('base', TASKS['counter'].net_kw(), seed=v), '`seed` must be an int ≥ 0', (True, 0.5, -1)),
+    (lambda v: train_toy(_tiny(), TASKS['counter'], steps=v), '`steps` must be an int ≥ 1', (True, 1.0, 0, -1)),
+    (lambda v: train_toy(_tiny(), TASKS['counter'], steps=1, bs=v), '`bs` must be an int ≥ 1', (True, 4.0, 0)),
+    (lambda v: train_toy(_tiny(), TASKS['counter'], steps=1, bs=2, eval_n=v), '`eval_n` must be an int ≥ 1', (True, 0)),
+    (lambda v: train_toy(_tiny(), TASKS['counter'], steps=1, bs=2, eval_n=2, seed=v), '`seed` must be an int ≥ 0', (True, 1.5, -1)),
+    (lambda v: evaluate(_tiny(), TASKS['counter'], n=v), '`n` must be an int ≥ 1', (True, 0)),
+    (lambda v: run_suite(TASKS['counter'], kinds=('base',), seeds=(v,), steps=1, bs=2, eval_n=2, verbose=False), '`seeds` must be an int ≥ 0', (True, 0.0, -1)),
 ]
+
+def _tiny():
+    return make_backbone('base', TASKS['counter'].net_kw(d_model=8, n_heads=2))
 
 @pytest.mark.parametrize('call,msg,bad', [(c, m, b) for c, m, bs in BAD_INTS for b in bs])
 def test_integer_arguments_are_checked(call, msg, bad):
@@ -120,7 +133,8 @@ def test_binding_labels_nearest_key(n, w, sigma, seed):
         if sigma == 0: assert min(d) == 0
 
 def test_binding_errors():
-    with pytest.raises(ValueError, match='`sigma` must be >= 0'): binding_task(2, sigma=-0.1)
+    for bad in (-0.1, float('nan'), float('inf'), '0.1', None, True):
+        with pytest.raises(ValueError, match='`sigma` must be a finite number >= 0'): binding_task(2, sigma=bad)
     with pytest.raises(ValueError, match='`n_writes` must be an int ≥ 1, got 0'): binding_task(2, n_writes=0)
 
 # ---------------------------------------------------------------- counter
@@ -245,6 +259,23 @@ def test_memory_share_zero_at_attach_then_positive():
     s = memory_share(m, x)
     assert len(s) == 2 and all(v > 0 for v in s) and m.training           # and the training flag is restored
     assert memory_share(make_backbone('base', kw), x) == []
+
+@pytest.mark.parametrize('lr', [0, -1e-3, float('nan'), float('inf'), '3e-3', True])
+def test_bad_learning_rate(lr):
+    with pytest.raises(ValueError, match='`lr` must be a finite number > 0'): train_toy(_tiny(), TASKS['counter'], steps=1, lr=lr)
+
+def test_device_and_budget_are_recorded_and_printed(capsys):
+    from tensormem.core import default_device
+    rows = run_suite(TASKS['counter'], kinds=('base',), steps=2, bs=2, net_kw=dict(d_model=8), eval_n=2)
+    assert rows[0]['device'] == default_device().type and next(iter(capsys.readouterr().out.splitlines())).count('2 steps × 2 on ')
+    assert results_table(rows).splitlines()[-1] == f"budget: 2 steps × batch 2 on {default_device().type}; seeds [0]"
+    r = train_toy(_tiny(), TASKS['counter'], steps=1, bs=2, eval_n=2, device='cpu')
+    assert r['device'] == 'cpu'
+
+@pytest.mark.cuda
+def test_training_uses_the_gpu():
+    m = _tiny(); r = train_toy(m, TASKS['counter'], steps=2, bs=2, eval_n=2)
+    assert r['device'] == 'cuda' and next(m.parameters()).is_cuda
 
 def test_train_conds_used_for_training_only():
     task = TASKS['ablation']

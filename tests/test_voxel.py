@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from tensormem.voxel import (grid_shape, cell_size, voxel_centres, coord_to_index, index_to_coord, trilinear_read,
-                             soft_write_dense, soft_write_local, soft_write_separable, soft_write, hard_write, write_mass, local_offsets)
+                             soft_write_dense, soft_write_local, soft_write_separable, soft_write, hard_write, write_mass, local_offsets,
+                             local_reach)
 import tensormem.tensor_memory as tm
 
 
@@ -108,14 +109,48 @@ def test_dense_write_matches_formula_and_adds():
     torch.testing.assert_close(soft_write_dense(c[:, :1], l[:, :1], s[:, :1], (3, 4, 5)) + soft_write_dense(c[:, 1:], l[:, 1:], s[:, 1:], (3, 4, 5)), out)
 
 
-def test_write_bad_input():
-    c, l, s = torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.ones(1, 2)
-    with pytest.raises(ValueError, match='`sigma` must be'): soft_write(c, l, s[:, :1], 4)
-    with pytest.raises(ValueError, match='>= 0'): soft_write(c, l, -s, 4)
-    with pytest.raises(ValueError, match='disagree'): soft_write(c[:, :1], l, s, 4)
-    with pytest.raises(ValueError, match='`mode` must be'): soft_write(c, l, s, 4, mode='fast')
-    with pytest.raises(ValueError, match='grid'): soft_write(c, l, s, (4, 1, 4))
-    with pytest.raises(TypeError, match='`content` must be a floating'): soft_write(c.long(), l, s, 4)
+_c, _l, _s = torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.ones(1, 2)
+BAD_WRITES = [  # (keyword overrides of (content, loc, sigma, grid, mode, radius), error, message naming the argument)
+    (dict(sigma=_s[:, :1]), ValueError, '`sigma` must be'), (dict(sigma=-_s), ValueError, '`sigma` must be >= 0'),
+    (dict(sigma=_s * float('nan')), ValueError, '`sigma` contains NaN'), (dict(sigma=_s * float('inf')), ValueError, '`sigma` contains NaN or Inf'),
+    (dict(content=_c[:, :1]), ValueError, 'disagree'), (dict(mode='fast'), ValueError, '`mode` must be'),
+    (dict(grid=(4, 1, 4)), ValueError, 'grid'), (dict(content=_c.long()), TypeError, '`content` must be a floating'),
+    (dict(loc=_l[..., :2]), ValueError, '`loc` must have last dim 3'), (dict(loc=_l * float('nan')), ValueError, '`loc` contains NaN'),
+    (dict(radius=-1), ValueError, '`radius` must be a finite number > 0'), (dict(radius=0), ValueError, '`radius`'),
+    (dict(radius=float('nan')), ValueError, '`radius`'), (dict(radius=float('inf')), ValueError, '`radius`'),
+    (dict(radius='3'), ValueError, '`radius`'), (dict(radius=True), ValueError, '`radius`'),
+]
+
+
+@pytest.mark.parametrize('mode', ['auto', 'local', 'separable', 'dense'])
+@pytest.mark.parametrize('kw, err, msg', BAD_WRITES)
+def test_write_bad_input(kw, err, msg, mode):
+    a = dict(content=_c, loc=_l, sigma=_s, grid=4, mode=mode, radius=3.0) | kw
+    with pytest.raises(err, match=msg): soft_write(a['content'], a['loc'], a['sigma'], a['grid'], a['mode'], a['radius'])
+    if 'mode' not in kw:
+        with pytest.raises(err, match=msg): soft_write_local(a['content'], a['loc'], a['sigma'], a['grid'], a['radius'])
+
+
+@pytest.mark.parametrize('mode', ['auto', 'local', 'separable', 'dense'])
+def test_edge_sigmas_give_the_dense_result(mode):
+    "σ = 0 (a nearly hard write), σ far above the grid, centres far outside: every form agrees with the formula."
+    c = torch.randn(1, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    l = torch.tensor([[[0., 0., 0.], [0.5001, -1., 1.], [40., -3., 0.2]]], dtype=torch.float64)
+    for s in (0.0, 1e-4, 0.3, 1e4):
+        sig = torch.full((1, 3), s, dtype=torch.float64)
+        out = soft_write(c, l, sig, 5, mode=mode, radius=40.)
+        torch.testing.assert_close(out, soft_write_dense(c, l, sig, 5), rtol=0, atol=1e-12)
+    v = soft_write(torch.ones(1, 1, 1), torch.zeros(1, 1, 3), torch.zeros(1, 1), 5, mode=mode)[0, 0]   # σ = 0 on a centre
+    assert v[2, 2, 2] == 1 and v.sum() == 1
+
+
+def test_work_is_bounded_by_the_grid():
+    assert local_reach(1e4, (4, 6, 9))[1] == [8, 5, 3] and local_reach(1e30, 5)[1] == [4, 4, 4]
+    assert len(local_offsets(1e4, 6)) == 11 ** 3 and len(local_offsets(1e30, (2, 3, 4))) == 3 * 5 * 7
+    c, l = torch.randn(1, 4, 8), torch.rand(1, 4, 3) * 2 - 1
+    for s in (1e4, 1e30):                                                         # (2·10⁵)³ offsets before
+        out = soft_write_local(c, l, torch.full((1, 4), s), 16)
+        torch.testing.assert_close(out, soft_write_separable(c, l, torch.full((1, 4), s), 16))
 
 
 @settings(max_examples=10, deadline=None)
