@@ -8,14 +8,16 @@ import argparse, os, sys, time
 from pathlib import Path
 
 def flags(cell) -> set:
-    return {l[3:].split()[0] for l in cell.source.splitlines() if l.startswith('#| ') and len(l) > 3}
+    "nbdev directives of a cell; `#| eval: false` counts as the flag 'noeval' (nbdev_test skips such cells too)."
+    ds = [l[3:].strip() for l in cell.source.splitlines() if l.startswith('#| ') and len(l) > 3]
+    return {d.split()[0] for d in ds} | ({'noeval'} if any(d.replace(' ', '') == 'eval:false' for d in ds) else set())
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('notebooks', nargs='+'); ap.add_argument('--slow', action='store_true'); ap.add_argument('--cuda', action='store_true')
     a = ap.parse_args(argv)
     from execnb.shell import CaptureShell
-    skip = {'notest'} | ({'slow'} if not a.slow else set()) | ({'cuda'} if not a.cuda else set())
+    skip = {'notest', 'noeval'} | ({'slow'} if not a.slow else set()) | ({'cuda'} if not a.cuda else set())
     os.environ.setdefault('MPLBACKEND', 'Agg'); os.environ.setdefault('PYTHONHASHSEED', '0')
     for nb in a.notebooks:
         p = Path(nb).resolve(); t0 = time.time(); cwd = os.getcwd(); os.chdir(p.parent)

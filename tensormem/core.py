@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d4c22910
 from __future__ import annotations
-import importlib, os, random
+import collections, functools, importlib, os, random
 import numpy as np
 import torch
 
@@ -96,12 +96,15 @@ def _plain_fences(md:str) -> str:
     return '\n'.join(out)
 
 # %% ../nbs/00_core.ipynb #9380e1c3
+@functools.lru_cache(None)
 def _ambiguous() -> set:
-    "Names defined in more than one tensormem module: a bare `name` cannot say which one it means."
-    from collections import Counter
+    "Bare names a link cannot pin down: defined in several tensormem modules, or also a method of every model (`generate`)."
     from tensormem._modidx import d
-    n = Counter(k[len(m)+1:] for m, syms in d['syms'].items() for k in syms)
-    return {k for k, c in n.items() if c > 1}
+    n = collections.Counter(k[len(m)+1:] for m, syms in d['syms'].items() for k in syms)
+    model = set(dir(torch.nn.Module))
+    try: from transformers import GenerationMixin; model |= set(dir(GenerationMixin))
+    except ImportError: pass
+    return {k for k, c in n.items() if c > 1 or k in model}
 
 # %% ../nbs/00_core.ipynb #f03ee0c3
 def doc_links(cell):

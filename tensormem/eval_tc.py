@@ -19,8 +19,8 @@ __all__ = ['MQAR_JOB', 'model_device', 'decode_scaling', 'mqar_vocab', 'mqar_bat
 
 # %% ../nbs/09b_tc_eval.ipynb #a0c84dcf
 def model_device(model:nn.Module) -> torch.device:
-    "The device of `model`'s parameters: where its inputs go."
-    return next(model.parameters()).device
+    "The device of `model`'s parameters (or buffers; the CPU if it has neither): where its inputs go."
+    return next((t.device for t in (*model.parameters(), *model.buffers())), torch.device('cpu'))
 
 # %% ../nbs/09b_tc_eval.ipynb #ffd24485
 @torch.no_grad()

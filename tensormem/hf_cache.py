@@ -398,7 +398,11 @@ def crop(self:QuantizedKVLayer, tokens_to_remove:int):
     "Drop the last `-tokens_to_remove` tokens (transformers' convention: ≤ 0, 0 = nothing)."
     self._crop_plan(tokens_to_remove)()
 
-QuantizedKVLayer.is_croppable = True
+@patch(as_prop=True)
+def is_croppable(self:QuantizedKVLayer) -> bool:
+    "transformers asks before assisted decoding: True unless a subclass stores K/V its own way without its own `_crop_plan`."
+    cls = type(self)
+    return cls._write is QuantizedKVLayer._write or cls._crop_plan is not QuantizedKVLayer._crop_plan
 
 # %% ../nbs/04_hf_cache.ipynb #5d7e4ec5
 class QuantizedKVCache(Cache):

@@ -160,7 +160,7 @@ def shifted_linear_read(phq:torch.Tensor, phk:torch.Tensor, v:torch.Tensor, # `[
                        ) -> tuple[torch.Tensor, torch.Tensor]: # numerator `[B, H, T, D]`, denominator `[B, H, T]`
     "`Σ_{s≤t−shift} (phq_t·phk_s) v_s` and `Σ_{s≤t−shift} phq_t·phk_s`: `scan_read` (λ = η = 1) of the shifted stream."
     B, H, T, D = v.shape; one = v.new_ones(H)
-    sh = lambda a: F.pad(a, (0, 0, shift, 0))[:, :, :T]                 # key s is written at step s + shift
+    sh = lambda a: F.pad(a, (0, 0, min(shift, T), 0))[:, :, :T]         # key s is written at step s + shift (pad ≤ T rows)
     out = scan_read(phq, sh(phk), sh(torch.cat([v, v.new_ones(B, H, T, 1)], -1)), one, one, chunk)
     return out[..., :D], out[..., D]
 

@@ -114,7 +114,8 @@ def evicted_stream(k:Tensor, # keys `[B, H, T, D]` (post-RoPE)
     m = (torch.arange(T, device=k.device) >= n_sink)[None].expand(B, T)
     if valid is not None: m = m & valid
     kw = unit(k) * m[:, None, :, None].to(k.dtype)
-    return F.pad(kw, (0, 0, R, 0))[:, :, :T], F.pad(v, (0, 0, R, 0))[:, :, :T]
+    s = min(R, T)                                         # a window longer than T pads T rows, not W: no runaway allocation
+    return F.pad(kw, (0, 0, s, 0))[:, :, :T], F.pad(v, (0, 0, s, 0))[:, :, :T]
 
 # %% ../nbs/08_tensor_cache.ipynb #279709af
 def scan_read(q:Tensor, # queries `[B, H, T, Dk]`

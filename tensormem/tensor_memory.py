@@ -150,6 +150,7 @@ def _update(self:TensorMemory, state, mu_w, v, sigma):
     c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
     return torch.sigmoid(o) * torch.tanh(c), c
 
+# %% ../nbs/06_tensor_memory.ipynb #c9327756
 @patch
 def _scan(self:TensorMemory, xn:torch.Tensor, state):
     "Read, then write, chunk by chunk over normalised tokens `xn` from `state`: reads [B, N, C] and the final state."

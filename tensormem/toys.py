@@ -238,6 +238,7 @@ class SlotMemory(nn.Module):
             S = self.update(u.reshape(-1, E), S.reshape(-1, E)).view(B, -1, E)
         return torch.sigmoid(self.gate) * self.out_proj(torch.cat(reads, 1))
 
+# %% ../nbs/09a_toys.ipynb #44831191
 class WithMemory(nn.Module):
     "A block followed by a memory on its output stream: y = block(x) + memory(block(x)) (the same fusion as `attach_memory`)."
     def __init__(self, block:nn.Module, memory:nn.Module):
@@ -263,6 +264,7 @@ def match_width(target:int, # parameter count to match
     w = max([v for v in range(w0, 8 * w0 + 1, h) if count(v) <= target] or [w0])
     return dict(d_model=w, d_ff=max(1, 2 * w + round((target - count(w)) / ((2 * w + 1) * L))))   # each d_ff unit: (2w+1)·L params
 
+# %% ../nbs/09a_toys.ipynb #a77c6986
 def make_backbone(kind:str, # 'base', 'base_wide', 'slots' or 'tensor'
                   net_kw:dict, # `ToyNet` arguments (d_in or vocab, n_out, d_model, n_layers, ...)
                   mem_kw:dict|None=None, # `TensorMemory` arguments (channels, grid, chunk_size, ...); `chunk_size` also sets the slots' chunk

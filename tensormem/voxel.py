@@ -48,12 +48,21 @@ def index_to_coord(idx:torch.Tensor, # [..., 3] continuous indices (i_x, i_y, i_
     D, H, W = grid_shape(grid)
     return idx / idx.new_tensor([W - 1, H - 1, D - 1]) * 2 - 1
 
+# %% ../nbs/05_soft_write.ipynb #e2f3a4b5
+def _check_same_device(**ts):
+    "Refuse meta tensors and tensors on different devices, naming the argument."
+    ts = {n: t for n, t in ts.items() if isinstance(t, torch.Tensor)}
+    for n, t in ts.items():
+        if t.device.type == 'meta': raise ValueError(f"`{n}` is on the meta device: it holds no values")
+    devs = {n: t.device for n, t in ts.items()}
+    if len(set(devs.values())) > 1: raise ValueError(f"the inputs are on different devices: {devs}")
+
 # %% ../nbs/05_soft_write.ipynb #875ae464
 def trilinear_read(h:torch.Tensor, # [B, C, D, H, W] voxel memory
                    loc:torch.Tensor, # [B, N, 3] read locations (x, y, z) in [-1, 1]; outside is clamped to the border
                   ) -> torch.Tensor: # [B, N, C]
     "Trilinear sample of `h` at `loc` (`grid_sample`, `align_corners=True`, border padding)."
-    check_tensor(h, 'h', ndim=5, shape='[B, C, D, H, W]'); check_tensor(loc, 'loc', ndim=3, last=3, shape='[B, N, 3]')
+    _check_same_device(h=h, loc=loc); check_tensor(h, 'h', ndim=5, shape='[B, C, D, H, W]'); check_tensor(loc, 'loc', ndim=3, last=3, shape='[B, N, 3]')
     if loc.shape[0] != h.shape[0]: raise ValueError(f"`loc` batch {loc.shape[0]} != `h` batch {h.shape[0]}")
     B, N, _ = loc.shape
     out = F.grid_sample(h, loc.view(B, N, 1, 1, 3).to(h.dtype), mode='bilinear', padding_mode='border', align_corners=True)
@@ -61,6 +70,7 @@ def trilinear_read(h:torch.Tensor, # [B, C, D, H, W] voxel memory
 
 # %% ../nbs/05_soft_write.ipynb #c0f09ed9
 def _check_write(content, loc, sigma):
+    _check_same_device(content=content, loc=loc, sigma=sigma)
     check_tensor(content, 'content', ndim=3, shape='[B, N, C]'); check_tensor(loc, 'loc', ndim=3, last=3, shape='[B, N, 3]')
     if sigma is not None:
         check_tensor(sigma, 'sigma', ndim=2, shape='[B, N]')
@@ -69,6 +79,7 @@ def _check_write(content, loc, sigma):
     if tuple(content.shape[:2]) != tuple(loc.shape[:2]):
         raise ValueError(f"`content` [B, N, C] and `loc` [B, N, 3] disagree on (B, N): {tuple(content.shape[:2])} vs {tuple(loc.shape[:2])}")
 
+# %% ../nbs/05_soft_write.ipynb #d0e1f2a3
 def soft_write_dense(content:torch.Tensor, # [B, N, C] what each write deposits
                      loc:torch.Tensor, # [B, N, 3] write centres μ (x, y, z)
                      sigma:torch.Tensor, # [B, N] spreads σ in coordinate units

@@ -18,5 +18,8 @@ def pytest_collection_modifyitems(config, items):
         if 'cuda' in item.keywords: item.add_marker(skip)
 
 
-# One test-sized Llama for every test file: the package's own (`from conftest import tiny_llama` keeps working).
-from tensormem.hf_cache import tiny_llama  # noqa: E402,F401
+def tiny_llama(*args, **kw):
+    "The package's one test-sized Llama (`tensormem.hf_cache.tiny_llama`); skips the test when the `hf` extra is missing."
+    pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
+    from tensormem.hf_cache import tiny_llama as make
+    return make(*args, **kw)

@@ -215,6 +215,7 @@ def test_subclass_with_own_storage_must_override():
     class Own(QuantizedKVLayer):
         def _write(self, x, role): pass
     lay = Own(CastQuantizer(None), 0)
+    assert not lay.is_croppable and QuantizedKVLayer(CastQuantizer(None), 0).is_croppable   # generate() refuses assisted decoding upfront
     with pytest.raises(NotImplementedError, match='_crop_plan'): lay.crop(-1)
     with pytest.raises(NotImplementedError, match='_index_plan'): lay.reorder_cache(torch.tensor([0]))
 

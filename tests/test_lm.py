@@ -259,3 +259,11 @@ def test_bf16_model_streams_like_parallel(mode):
         par = m(idx)
     rel = ((torch.stack(out, 1).float() - par.float()).norm() / par.float().norm()).item()
     assert rel < 0.05
+
+
+def test_huge_window_parallel_forward_allocates_by_T():
+    import time
+    t0 = time.perf_counter()
+    for mode in ('window', 'infini', 'tensor_cache'):
+        with torch.no_grad(): assert TinyLM(20, 32, 1, 4, mode, window=10**9)(torch.zeros(1, 5, dtype=torch.long)).shape == (1, 5, 20)
+    assert time.perf_counter() - t0 < 2.0

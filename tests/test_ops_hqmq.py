@@ -37,6 +37,16 @@ def test_encode_identical_bytes(S, b, B, H, T, d, mode, so, dt):
     assert mine.nbytes == ref.nbytes and mine.shape == ref.shape and mine.dtype == ref.dtype
 
 
+@pytest.mark.parametrize('mode', ['med', 'med_row', 'med_token'])
+def test_encode_valid_mask_matches_quantize(mode):
+    "Padding left out of the Med3× medians, as `HQMQ.quantize(valid=...)`; the mask changes the codes for the global modes."
+    hq = HQMQ(12, 3, 1, 2, 20, outliers=mode)
+    x = synthetic_kv(2, 2, 15, 20, seed=5); x[1, :, :6] *= 4                   # loud pads
+    valid = torch.arange(15)[None] >= torch.tensor([[0], [6]])
+    assert codes_equal(hqmq_encode(hq, x, 0, 'k', valid=valid, backend='triton', poison=True), hq.quantize(x, 0, 'k', valid=valid))
+    if mode == 'med': assert not codes_equal(hqmq_encode(hq, x, 0, 'k', backend='triton'), hq.quantize(x, 0, 'k', valid=valid))
+    with pytest.raises(ValueError, match='`valid` must have shape'): hqmq_encode(hq, x, 0, 'k', valid=valid[:, :3], backend='triton')
+
 @pytest.mark.filterwarnings('ignore:overflow')
 def test_encode_errors_and_auto():
     hq = HQMQ(6, 3, 1, 2, 8)

@@ -119,6 +119,7 @@ BAD_WRITES = [  # (keyword overrides of (content, loc, sigma, grid, mode, radius
     (dict(radius=-1), ValueError, '`radius` must be a finite number > 0'), (dict(radius=0), ValueError, '`radius`'),
     (dict(radius=float('nan')), ValueError, '`radius`'), (dict(radius=float('inf')), ValueError, '`radius`'),
     (dict(radius='3'), ValueError, '`radius`'), (dict(radius=True), ValueError, '`radius`'),
+    (dict(loc=_l.to('meta')), ValueError, '`loc` is on the meta device'), (dict(content=_c.to('meta')), ValueError, '`content` is on the meta device'),
 ]
 
 
@@ -247,3 +248,10 @@ def test_local_write_sigma_grad_finite_at_grid_edge():
     s3 = sigma.detach().clone().requires_grad_(True)
     soft_write_dense(content, loc, s3, 8).square().sum().backward()
     torch.testing.assert_close(s2.grad, s3.grad, rtol=1e-9, atol=1e-9)   # untruncated local == dense, gradients too
+
+
+def test_read_refuses_meta_and_nan():
+    h = torch.zeros(1, 2, 3, 3, 3)
+    with pytest.raises(ValueError, match='`loc` is on the meta device'): trilinear_read(h, torch.zeros(1, 4, 3, device='meta'))
+    with pytest.raises(ValueError, match='`h` is on the meta device'): trilinear_read(h.to('meta'), torch.zeros(1, 4, 3))
+    with pytest.raises(ValueError, match='`loc` contains NaN'): trilinear_read(h, torch.full((1, 4, 3), float('nan')))

@@ -107,12 +107,13 @@ def _hqmq_encode(x_ptr, secondary_ptr, outlier_ptr, digit_weight_ptr, plain_ptr,
         tl.store(digits_ptr + ((b * H + h).to(tl.int64) * n_words + wrow[:, None]) * NC + c[None, :], wv.to(tl.int32),
                  mask=(wrow[:, None] < n_words) & (c[None, :] < NC))
 
-# %% ../../nbs/10a_ops_hqmq.ipynb #751fcd9f
-def _encode_outliers(hq:HQMQ, x:Tensor, dense:bool, valid:Tensor|None=None):
+# %% ../../nbs/10a_ops_hqmq.ipynb #a93e6506
+def _encode_outliers(hq:HQMQ, x:Tensor, dense:bool, valid:Tensor|None=None, finite:bool=True):
     "Med3× of one write as `HQMQ.quantize` computes it: (mask `[B, H, T, nc]`, packed flags, fp16 values), or Nones."
     if not hq.outliers or not x.shape[2]: return None, None, None
-    xc = F.pad(x.float(), (0, 4 * hq.nc - x.shape[-1])).unflatten(-1, (hq.nc, 4))
-    out = outlier_mask(chunk_norms(xc), hq.outliers, hq.C, valid)
+    xc = F.pad(x.float(), (0, 4 * hq.nc - x.shape[-1])).unflatten(-1, (hq.nc, 4)); r = chunk_norms(xc)
+    if not finite: r = r.nan_to_num(0., 0., 0.)               # unchecked input: a non-finite chunk counts as 0 (its token is poisoned)
+    out = outlier_mask(r, hq.outliers, hq.C, valid)
     return out, pack_bits(out, 1), (xc.half() if dense else xc[out].half())   # xc[out]: a sync (its size)
 
 def _encode_consts(hq:HQMQ, d:int, words_per_block:int|None) -> dict:
@@ -121,7 +122,7 @@ def _encode_consts(hq:HQMQ, d:int, words_per_block:int|None) -> dict:
     return dict(D=d, NC=nc, NCP=_p2(nc, 4), NB=NB, NBP=_p2(NB), M=L.m, WID=hq.width, QMAX=2 ** hq.radius_bits - 1, NDIG=ndig,
                 TI=TI, WPB=_p2(words_per_block or max(1, 32 // TI)), HAS_DIG=has_dig, SIG_OUT=hq.sigma_outliers)
 
-# %% ../../nbs/10a_ops_hqmq.ipynb #581941cb
+# %% ../../nbs/10a_ops_hqmq.ipynb #fcdac9af
 def hqmq_encode(hq:HQMQ, # the quantizer (its codebooks, layout and Med3× settings are used)
                 x:Tensor, # K or V states `[B, H_kv, T, d_h]`, fp16/bf16/fp32
                 layer:int, role:str, # layer index and 'k'/'v'
@@ -136,7 +137,7 @@ def hqmq_encode(hq:HQMQ, # the quantizer (its codebooks, layout and Med3× setti
     if _backend(backend, x) == 'torch': return hq.quantize(x, layer, role, valid=valid)
     check_kv(x, layer, role, hq.n_layers, hq.n_kv_heads, hq.head_dim, finite=check_values); check_valid(valid, x)
     B, H, T, d = x.shape; dev = x.device; kc = _encode_consts(hq, d, words_per_block)
-    out, flags, vals = _encode_outliers(hq, x, dense_outliers, valid)
+    out, flags, vals = _encode_outliers(hq, x, dense_outliers, valid, finite=check_values)
     n_words = -(-T // kc['NDIG'])
     plain, sigma = _alloc((B, H, T, kc['NB']), torch.uint8, dev, poison), _alloc((B, H, T), torch.float16, dev, poison)
     digits = _alloc((B, H, n_words, hq.nc), torch.int32, dev, poison) if kc['HAS_DIG'] else None
