@@ -8,7 +8,7 @@ import importlib, sys
 from .core import UsageError
 
 # %% auto #0
-__all__ = ['JOBS', 'job_entry', 'main', 'job_device', 'job_out']
+__all__ = ['JOBS', 'job_entry', 'main']
 
 # %% ../nbs/13_cli.ipynb #53933750
 JOBS = {   # (group, job) -> (module, entry function, one-line description)
@@ -49,32 +49,6 @@ def main(argv:list[str]|None=None # arguments after `tensormem`; defaults to `sy
         return _usage(e)
     try: return entry(argv[2:]) or 0
     except UsageError as e: return _usage(e)
-
-# %% ../nbs/13_cli.ipynb #3f025d4c
-def job_device(device:str|None # `--device` as given: 'cpu', 'cuda', 'cuda:1', or None for the default
-              ):
-    "Resolve `--device` to a `torch.device`, raising `UsageError` for a bad name or a GPU that is not there."
-    import torch
-    from tensormem.core import default_device
-    if device is None: return default_device()
-    try: d = torch.device(device)
-    except RuntimeError: raise UsageError(f"`--device` must be cpu or cuda[:N], got {device!r}") from None
-    if d.type not in ('cpu', 'cuda'): raise UsageError(f"`--device` must be cpu or cuda[:N], got {device!r}")
-    if d.type == 'cuda' and not torch.cuda.is_available(): raise UsageError(f"`--device {device}`: no CUDA GPU is visible")
-    if d.type == 'cuda' and (d.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"`--device {device}`: only {torch.cuda.device_count()} CUDA device(s)")
-    return d
-
-# %% ../nbs/13_cli.ipynb #bbace163
-def job_out(path:str, # `--out` as given: the file the job will write
-            flag:str='--out' # the option's name, for the message
-           ):
-    "Check before any long work that `path` can be written: its folder exists and it is not itself a folder."
-    from pathlib import Path
-    p = Path(path)
-    if p.is_dir(): raise UsageError(f"`{flag}` {str(p)!r} is a folder; give a file name")
-    if not p.parent.is_dir(): raise UsageError(f"`{flag}` {str(p)!r}: folder {str(p.parent)!r} does not exist")
-    return p
 
 # %% ../nbs/13_cli.ipynb #fa2aa9ae
 #| eval: false

@@ -10,7 +10,7 @@ import torch
 
 # %% auto #0
 __all__ = ['IN_TEST', 'IN_COLAB', 'EXTRAS', 'default_device', 'seed_everything', 'check_tensor', 'check_int', 'UsageError',
-           'require', 'interact_or_static', 'doc_links']
+           'job_device', 'job_out', 'require', 'interact_or_static', 'doc_links']
 
 # %% ../nbs/00_core.ipynb #6ccf012f
 IN_TEST = bool(os.environ.get('IN_TEST'))   # set by `nbdev_test`; notebooks shrink their runs
@@ -59,6 +59,30 @@ def check_int(v, name:str, # the value, and the argument name used in the error
 # %% ../nbs/00_core.ipynb #a1b2c3d5
 class UsageError(ValueError):
     "A user error in a console job's options: `tensormem` prints the message on one line and exits 2."
+
+# %% ../nbs/00_core.ipynb #3f025d4c
+def job_device(device:str|None # `--device` as given: 'cpu', 'cuda', 'cuda:1', or None for the default
+              ):
+    "Resolve `--device` to a `torch.device`, raising `UsageError` for a bad name or a GPU that is not there."
+    if device is None: return default_device()
+    try: d = torch.device(device)
+    except RuntimeError: raise UsageError(f"`--device` must be cpu or cuda[:N], got {device!r}") from None
+    if d.type not in ('cpu', 'cuda'): raise UsageError(f"`--device` must be cpu or cuda[:N], got {device!r}")
+    if d.type == 'cuda' and not torch.cuda.is_available(): raise UsageError(f"`--device {device}`: no CUDA GPU is visible")
+    if d.type == 'cuda' and (d.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"`--device {device}`: only {torch.cuda.device_count()} CUDA device(s)")
+    return d
+
+# %% ../nbs/00_core.ipynb #bbace163
+def job_out(path:str, # `--out` as given: the file the job will write
+            flag:str='--out' # the option's name, for the message
+           ):
+    "Check before any long work that `path` can be written: its folder exists and it is not itself a folder."
+    from pathlib import Path
+    p = Path(path)
+    if p.is_dir(): raise UsageError(f"`{flag}` {str(p)!r} is a folder; give a file name")
+    if not p.parent.is_dir(): raise UsageError(f"`{flag}` {str(p)!r}: folder {str(p.parent)!r} does not exist")
+    return p
 
 # %% ../nbs/00_core.ipynb #087beb73
 EXTRAS = {'transformers': 'hf', 'accelerate': 'hf', 'gguf': 'hf', 'tqdm': 'hf', 'triton': 'gpu'}  # import name -> pip extra

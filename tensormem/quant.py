@@ -167,7 +167,7 @@ def pack_bits(codes:torch.Tensor, # `[..., n]` integer (or bool) codes in [0, 2*
     check_int(width, 'width', 1, 32); check_tensor(codes, 'codes', floating=False, finite=False)
     if codes.is_floating_point() or codes.is_complex(): raise TypeError(f"`codes` must be an integer or bool tensor, got {codes.dtype}")
     c = codes.long(); n, dv = c.shape[-1] if c.ndim else 0, c.device; nbytes = -(-n * width // 8)
-    if check and c.numel() and dv.type != 'meta' and bool(((c < 0) | (c >= 2**width)).any()):
+    if check and codes.dtype != torch.bool and c.numel() and dv.type != 'meta' and bool(((c < 0) | (c >= 2**width)).any()):   # bool: in range, no sync
         raise ValueError(f"`codes` must lie in [0, {2**width - 1}] for width {width}, got values in [{int(c.min())}, {int(c.max())}]")
     bits = ((c[..., None] >> torch.arange(width, device=dv)) & 1).flatten(-2)
     bits = F.pad(bits, (0, nbytes * 8 - n * width)).unflatten(-1, (nbytes, 8))

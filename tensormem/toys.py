@@ -4,21 +4,22 @@
 
 # %% ../nbs/09a_toys.ipynb #9f980e89
 from __future__ import annotations
-import math, time, functools
+import argparse, math, functools
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .core import check_int, default_device
+from .core import check_int, default_device, job_device, UsageError
+from .train import fit_batches
 
 # %% auto #0
-__all__ = ['VELOCITIES', 'KINDS', 'TASKS', 'EVAL_SEED', 'ball_paths', 'render_balls', 'quadrant', 'occlusion_task', 'map_task',
-           'binding_task', 'counter_task', 'digit_images', 'moving_digits_task', 'window_recall_task', 'causal_mask',
-           'n_params', 'ToyNet', 'SlotMemory', 'WithMemory', 'match_width', 'make_backbone', 'ToyTask', 'cond_name',
-           'evaluate', 'train_toy', 'memory_gates', 'memory_share', 'run_suite', 'summarize', 'results_table',
-           'plot_conditions']
+__all__ = ['VELOCITIES', 'KINDS', 'TASKS', 'EVAL_SEED', 'SUITE_NET', 'SUITE_MEM', 'SUITE_CHUNK', 'SUITE_WINDOW', 'ball_paths',
+           'render_balls', 'quadrant', 'occlusion_task', 'map_task', 'binding_task', 'counter_task', 'digit_images',
+           'moving_digits_task', 'window_recall_task', 'causal_mask', 'n_params', 'ToyNet', 'SlotMemory', 'WithMemory',
+           'match_width', 'make_backbone', 'ToyTask', 'cond_name', 'evaluate', 'toy_schedule', 'train_toy',
+           'memory_gates', 'memory_share', 'run_suite', 'summarize', 'results_table', 'plot_conditions', 'main']
 
 # %% ../nbs/09a_toys.ipynb #6cd6851c
 def _gen(seed:int) -> torch.Generator:
@@ -333,11 +334,14 @@ def evaluate(model:nn.Module, task:ToyTask, n:int=512, bs:int=256) -> dict:
         res[cond_name(cond)] = torch.cat(hits).mean().item()
     model.train(was); return res
 
-# %% ../nbs/09a_toys.ipynb #c1d2e3f4
-def _schedule(opt, steps:int):
+# %% ../nbs/09a_toys.ipynb #7a1c0e01
+def toy_schedule(steps:int # the training budget
+                ):
+    "Linear warm-up over the first 10 % of `steps`, then cosine decay: `f(step)` is the factor of the peak learning rate."
     warm = max(1, steps // 10)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.)))))
+    return lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.))))
 
+# %% ../nbs/09a_toys.ipynb #7a1c0e04
 def train_toy(model:nn.Module, # a backbone from `make_backbone`
               task:ToyTask, # what to train on
               steps:int=200, # optimiser steps: the training budget
@@ -345,20 +349,16 @@ def train_toy(model:nn.Module, # a backbone from `make_backbone`
               lr:float=3e-3, # peak AdamW learning rate
               seed:int=0, # seeds the training batches and the condition drawn at each step
               eval_n:int=512, # held-out examples per condition
-              device=None) -> dict: # where to train (default: `default_device()`, the GPU when present)
-    "Train for a fixed step budget on fresh batches; return losses, accuracy per condition, wall seconds, device."
+              device=None, # where to train (default: `default_device()`, the GPU when present)
+              **fit_kw) -> dict: # more `fit_batches` options (grad_accum, mixed_precision, out, ckpt_every, resume, progress)
+    "Train on fresh batches for a fixed budget with the package's trainer; return losses, accuracy per condition, seconds, device."
     check_int(steps, 'steps', 1); check_int(bs, 'bs', 1); check_int(eval_n, 'eval_n', 1); _check_real(lr, 'lr', 0, strict=True)
-    dev = torch.device(device) if device is not None else default_device(); model.to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01); sched = _schedule(opt, steps)
-    conds = task.train_conds or task.conds
-    pick, losses, t0 = torch.randint(0, len(conds), (steps,), generator=_gen(seed)), [], time.perf_counter()
-    model.train()
-    for step in range(steps):
-        x, y = task.fn(bs, seed=seed * 10**6 + step, **conds[pick[step]], **task.train_kw)
-        loss = F.cross_entropy(model(x.to(dev)).flatten(0, -2), y.to(dev).flatten())
-        opt.zero_grad(); loss.backward(); nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); sched.step(); losses.append(loss.item())
-    return dict(losses=losses, acc=evaluate(model, task, eval_n), seconds=time.perf_counter() - t0, device=dev.type)
+    dev = torch.device(device) if device is not None else default_device()
+    conds = task.train_conds or task.conds; pick = torch.randint(0, len(conds), (steps,), generator=_gen(seed))
+    batch = lambda s: task.fn(bs, seed=seed * 10**6 + s, **conds[pick[s]], **task.train_kw)
+    r = fit_batches(model.to(dev), batch, steps, lr=lr, schedule=toy_schedule(steps), betas=(0.9, 0.999), weight_decay=0.01,
+                    clip=1.0, cpu=dev.type == 'cpu', **fit_kw)
+    return dict(losses=r['losses'], acc=evaluate(model, task, eval_n), seconds=r['seconds'], device=dev.type)
 
 # %% ../nbs/09a_toys.ipynb #7df32eed
 def memory_gates(model:nn.Module) -> list[float]:
@@ -443,3 +443,27 @@ def plot_conditions(rows:list, # records from `run_suite`
     ax.set_xticks(range(len(conds))); ax.set_xticklabels(conds, fontsize=8)
     ax.set_xlabel(xlabel); ax.set_ylabel('accuracy %'); ax.set_title(title, fontsize=9); ax.legend(fontsize=7); ax.grid(alpha=.3)
     return ax
+
+# %% ../nbs/09a_toys.ipynb #7a1c0e09
+SUITE_NET = dict(d_model=32, n_layers=2, n_heads=2)                # the committed suite's backbone width and depth
+SUITE_MEM = dict(channels=8, grid=4, write_impl='separable')         # ... its memory
+SUITE_CHUNK = dict(occlusion=2, map=8, binding=4, counter=8, digits=2, ablation=4, window=2)   # memory chunk per toy
+SUITE_WINDOW = dict(window=4)                                         # attention window per toy (others: full attention)
+
+# %% ../nbs/09a_toys.ipynb #7a1c0e07
+def main(argv:list[str]|None=None # command-line arguments (None: `sys.argv[1:]`)
+        ) -> int:
+    "`tensormem eval toys`: backbones × seeds on one toy; prints the accuracy table (mean ± half-range over seeds) and the budget."
+    ap = argparse.ArgumentParser(prog='tensormem eval toys', description=main.__doc__.split(':', 1)[1].strip())
+    ap.add_argument('--task', default='window', choices=list(TASKS), help='the toy')
+    ap.add_argument('--kinds', nargs='+', default=list(KINDS), choices=list(KINDS), help='backbones to train')
+    ap.add_argument('--seeds', type=int, default=3, help='runs per backbone (seeds 0..n-1)')
+    ap.add_argument('--steps', type=int, default=200, help='training steps per run'); ap.add_argument('--bs', type=int, default=32)
+    ap.add_argument('--device', default=None, help='cpu or cuda[:N] (default: the GPU when present)')
+    a = ap.parse_args(argv)
+    for n, v in (('--seeds', a.seeds), ('--steps', a.steps), ('--bs', a.bs)):
+        if v < 1: raise UsageError(f"`{n}` must be ≥ 1, got {v}")
+    net = {**SUITE_NET, **({'window': SUITE_WINDOW[a.task]} if a.task in SUITE_WINDOW else {})}
+    mem = {**SUITE_MEM, 'chunk_size': SUITE_CHUNK.get(a.task, 1)}
+    rows = run_suite(TASKS[a.task], a.kinds, range(a.seeds), a.steps, a.bs, net_kw=net, mem_kw=mem, device=job_device(a.device))
+    print(results_table(rows)); return 0
