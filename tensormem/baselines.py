@@ -54,11 +54,11 @@ class NaiveInt(KVQuantizer):
 # %% ../nbs/03a_baselines.ipynb #b2df539f
 @patch
 def quantize(self:NaiveInt, x:torch.Tensor, layer:int, role:str, # `[B, H, T, d]`, layer index, 'k'/'v'
-             valid:torch.Tensor|None=None # `[B, T]` bool, False = padding (stored as a zero token, left out of the Med3× medians)
+             valid:torch.Tensor|None=None # `[B, T]` bool, False = padding (left out of the Med3× medians)
             ) -> IntPacked:
     "Encode `[B, H, T, d]` per token."
     check_kv(x, layer, role); check_valid(valid, x); d, qm = x.shape[3], 2**(self.bits - 1) - 1
-    xf, flags, vals = x.float() if valid is None else x.float() * valid[:, None, :, None], None, None   # padding: a zero token
+    xf, flags, vals = x.float(), None, None
     if self.outliers:
         nc = -(-d // 4); xc = F.pad(xf, (0, 4 * nc - d)).unflatten(-1, (nc, 4))
         out = outlier_mask(chunk_norms(xc), self.outliers, self.C, valid)

@@ -11,11 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from .core import check_int, default_device, UsageError
 from .lm import TinyLM, state_nbytes, check_ids
+from .train import fit_batches
 
 # %% auto #0
-__all__ = ['MQAR_JOB', 'model_device', 'decode_scaling', 'mqar_vocab', 'mqar_batch', 'lm_loss', 'train_lm', 'mqar_accuracy',
-           'state_bytes_after', 'recall_vs_pairs', 'byte_stream', 'random_crops', 'position_nll', 'stratified_nll',
-           'memory_off', 'swap_prefix', 'gate_report', 'tc_parser', 'scaling_table', 'mqar_table', 'main']
+__all__ = ['MQAR_JOB', 'model_device', 'decode_scaling', 'mqar_vocab', 'mqar_batch', 'lm_loss', 'lm_schedule', 'train_lm',
+           'mqar_accuracy', 'state_bytes_after', 'recall_vs_pairs', 'byte_stream', 'random_crops', 'position_nll',
+           'stratified_nll', 'memory_off', 'swap_prefix', 'gate_report', 'tc_parser', 'scaling_table', 'mqar_table',
+           'main']
 
 # %% ../nbs/09b_tc_eval.ipynb #a0c84dcf
 def model_device(model:nn.Module) -> torch.device:
@@ -75,25 +77,23 @@ def lm_loss(model:nn.Module, x:torch.Tensor, y:torch.Tensor # inputs `[B, T]`, t
     return F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
 
 # %% ../nbs/09b_tc_eval.ipynb #b90da05d
-def train_lm(model:nn.Module, # the LM to train (in place)
+def lm_schedule(steps:int, warmup:int=30 # the training budget and the linear warm-up
+               ):
+    "Linear warm-up, then cosine decay over `steps`: `f(step)` is the factor of the peak learning rate."
+    return lambda s: min(1., (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+
+def train_lm(model:nn.Module, # the LM to train (in place, where it is)
              batch_fn, # `batch_fn(step) -> (x, y)`
              steps:int, # optimiser steps
-             lr:float=3e-3, # peak learning rate
-             warmup:int=30, # linear warm-up steps
-             weight_decay:float=0.0, # AdamW weight decay
-             clip:float=1.0 # gradient-norm clip
+             lr:float=3e-3, warmup:int=30, # peak learning rate, linear warm-up steps
+             weight_decay:float=0.0, clip:float=1.0, # AdamW weight decay, gradient-norm clip
+             **fit_kw # more `fit_batches` options: grad_accum, mixed_precision, out, ckpt_every, resume, progress
             ) -> dict: # `losses` per step, `seconds`, `steps`
-    "Train with AdamW (warm-up + cosine) and return the loss curve and wall time."
-    check_int(steps, 'steps', 1); check_int(warmup, 'warmup', 1); dev = model_device(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1., (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    model.train(); losses = []; t0 = time.perf_counter()
-    for s in range(steps):
-        x, y = batch_fn(s); loss = lm_loss(model, x.to(dev), y.to(dev))
-        opt.zero_grad(set_to_none=True); loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), clip); opt.step(); sched.step(); losses.append(loss.item())
-    model.eval()
-    return dict(losses=losses, seconds=time.perf_counter() - t0, steps=steps)
+    "Train with AdamW (warm-up + cosine) through the package's trainer; return the loss curve and wall time."
+    check_int(steps, 'steps', 1); check_int(warmup, 'warmup', 1)
+    r = fit_batches(model, batch_fn, steps, lr=lr, schedule=lm_schedule(steps, warmup), betas=(0.9, 0.98),
+                    weight_decay=weight_decay, clip=clip, cpu=model_device(model).type == 'cpu', **fit_kw)
+    return dict(losses=r['losses'], seconds=r['seconds'], steps=steps)
 
 # %% ../nbs/09b_tc_eval.ipynb #422faa29
 @torch.no_grad()

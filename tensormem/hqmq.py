@@ -211,10 +211,9 @@ def chunks(self:HQMQ, x:torch.Tensor # `[B, H, T, d_h]`
 def scales(self:HQMQ, r:torch.Tensor, # chunk norms `[B, H, T, nc]`
            valid:torch.Tensor|None=None # `[B, T]` bool, False = padding
           ) -> tuple[torch.Tensor|None, torch.Tensor]: # (outlier mask or None, σ `[B, H, T]` fp16)
-    "Med3× outlier mask (None without Med3×) and the per-token fp16 σ = the largest chunk norm (outliers left out unless `sigma_outliers`; 0 for padding)."
+    "Med3× outlier mask (None without Med3×) and the per-token fp16 σ = the largest chunk norm (outliers left out unless `sigma_outliers`)."
     out = outlier_mask(r, self.outliers, self.C, valid) if self.outliers else None
     s = r if out is None or self.sigma_outliers else r.masked_fill(out, 0.)
-    if valid is not None: s = s * valid[:, None, :, None]                # padding: σ = 0, stored as a zero token
     return out, fp16_scale(s.amax(-1), 'per-token σ (largest chunk norm)')
 
 # %% ../nbs/03_hqmq.ipynb #d801a9df
@@ -230,7 +229,7 @@ def directions(self:HQMQ, xc:torch.Tensor, r:torch.Tensor, # chunks `[B, H, T, n
 @patch
 def quantize(self:HQMQ, x:torch.Tensor, # K or V states `[B, H_kv, T, d_h]`, fp16/bf16/fp32
              layer:int, role:str, # layer index in [0, n_layers), 'k' or 'v'
-             valid:torch.Tensor|None=None # `[B, T]` bool, False = padding (stored as a zero token, left out of the Med3× medians)
+             valid:torch.Tensor|None=None # `[B, T]` bool, False = padding (left out of the Med3× medians)
             ) -> HQMQPacked:
     "Encode one cache write: chunk norms, Med3×, per-token fp16 σ, radius codes, joint direction indices; pack."
     check_kv(x, layer, role, self.n_layers, self.n_kv_heads, self.head_dim); check_valid(valid, x)
