@@ -9,7 +9,14 @@ from tensormem.quaternion import qnorm, qinv, nearest_hurwitz, hurwitz_units
 from tensormem.quant import pack_bits, unpack_bits, outlier_mask, kv_cache_bytes, synthetic_kv, codes_equal, check_kv
 from tensormem.hqmq import HQMQ, HQMQPacked, secondary_codebooks
 from tensormem.baselines import NaiveInt, IntPacked, KIVI, TurboQuantLike
-from tensormem.eval_hqmq import parse_options, target_verdict
+
+def _eval(name):
+    "`eval_hqmq` needs the hf extra: import it when a row runs, and skip that row without the extra."
+    pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
+    import tensormem.eval_hqmq as m
+    return getattr(m, name)
+def parse_options(argv): return _eval('parse_options')(argv)
+def target_verdict(rows): return _eval('target_verdict')(rows)
 
 X = synthetic_kv(2, 3, 6, 16, seed=0)                  # [B, H, T, d]
 HQ = HQMQ(24, 3, 2, 3, 16)

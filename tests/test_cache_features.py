@@ -1,5 +1,6 @@
 "The transformers features of `QuantizedKVCache`: beam search, crop, left padding with sinks, continuing, sampling."
 import pytest, torch
+pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
 from hypothesis import given, settings, strategies as st
 from transformers import DynamicCache
 from tensormem.hf_cache import (tiny_llama, CastQuantizer, QuantizedKVCache, QuantizedKVLayer, packed_select, packed_head,
@@ -26,8 +27,8 @@ def gen(m, ids, am, cache=None, seed=0, **kw):
 def lossless(m, sinks=0, fp_layers=()): return QuantizedKVCache(m.config, CastQuantizer(None), sink_tokens=sinks, fp_layers=fp_layers)
 
 def test_tiny_llama_is_the_package_one():
-    from conftest import tiny_llama as t
-    assert t is tiny_llama
+    from conftest import tiny_llama as t      # conftest's lazy wrapper builds the package's model
+    assert torch.equal(t(seed=3).lm_head.weight, tiny_llama(seed=3).lm_head.weight)
     m = tiny_llama(heads=4, kv_heads=1, head_dim=16)
     assert (m.config.num_key_value_heads, m.config.head_dim, m.config.hidden_size) == (1, 16, 32)
 

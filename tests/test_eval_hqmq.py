@@ -1,4 +1,5 @@
 import math, pytest, torch
+pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
 from conftest import tiny_llama
 from tensormem.eval_hqmq import (Method, geometry, hqmq_method, paper_methods, outlier_fraction, claimed_bits, evaluate_method,
                                  evaluate_model, format_table, target_report, target_verdict, gap_interval, dominated_by,

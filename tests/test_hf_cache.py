@@ -1,4 +1,5 @@
 import time, pytest, torch
+pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
 from hypothesis import given, settings, strategies as st
 from transformers import DynamicCache
 from conftest import tiny_llama

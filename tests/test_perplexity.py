@@ -1,4 +1,5 @@
 import math, pytest, torch
+pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
 from hypothesis import given, settings, strategies as st
 from conftest import tiny_llama
 from tensormem.perplexity import jargon_text, token_stream, windows, window_nll, perplexity

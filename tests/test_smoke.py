@@ -33,7 +33,7 @@ def test_modidx_matches_modules():
     assert exported <= set(MODULES), exported - set(MODULES)
 
 SPEC_NAMES = {'quaternion': ['qmul', 'qconj', 'hurwitz_units', 'nearest_hurwitz'],
-              'hqmq': ['HQMQ', 'kv_cache_bytes'], 'baselines': ['NaiveInt', 'KIVI', 'TurboQuantLike'],
+              'quant': ['kv_cache_bytes', 'pack_bits', 'outlier_mask', 'check_kv'], 'hqmq': ['HQMQ'], 'baselines': ['NaiveInt', 'KIVI', 'TurboQuantLike'],
               'hf_cache': ['QuantizedKVCache'], 'fastweight': ['write_tokens', 'write_chunk_mean', 'write_scan'],
               'tensor_cache': ['TensorCacheAttention'],
               'tensor_memory': ['soft_write', 'trilinear_read', 'TensorMemory', 'attach_memory', 'detach_memory']}
