@@ -5,26 +5,32 @@
 # %% ../nbs/09_hqmq_eval.ipynb #e8d15378
 from __future__ import annotations
 import argparse, math, statistics, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 import torch
+import torch.nn.functional as F
 from .core import UsageError
 from .hf_cache import QuantizedKVCache, CastQuantizer, load_smollm2
-from .perplexity import jargon_text, token_stream, windows, perplexity
+from .perplexity import jargon_text, token_stream, windows, perplexity, PPLResult
 from .hqmq import HQMQ
 from .baselines import NaiveInt, KIVI, TurboQuantLike
 from .quant import FAMILY_STYLE, MED3_SUFFIX
+from .hqmq_plus import RotatedHQMQ, LayerwiseQuantizer, NoiseQuantizer
 
 # %% auto #0
-__all__ = ['Method', 'geometry', 'hqmq_method', 'paper_methods', 'outlier_fraction', 'claimed_bits', 'evaluate_method',
-           'evaluate_model', 'format_table', 'gap_interval', 'target_verdict', 'dominated_by', 'target_report',
-           'pareto_plot', 'seed_spread', 'greedy_agreement', 'decode_speed', 'parser', 'parse_options', 'main']
+__all__ = ['HQMQ_PLUS_RICH', 'STYLES', 'Method', 'geometry', 'hqmq_method', 'paper_methods', 'hqmq_plus_method',
+           'hqmq_plus_ablation', 'outlier_fraction', 'claimed_bits', 'chunked_perplexity', 'evaluate_method',
+           'evaluate_model', 'format_table', 'gap_interval', 'interval_table', 'target_verdict', 'dominated_by',
+           'target_report', 'pareto_plot', 'kv_relmse', 'noise_methods', 'relmse_at_gap', 'noise_plot', 'seed_spread',
+           'greedy_agreement', 'decode_speed', 'parser', 'parse_options', 'main']
 
 # %% ../nbs/09_hqmq_eval.ipynb #cacf97a5
 @dataclass
 class Method:
-    "One row of the evaluation: display `name`, `family` (plot colour) and `make(config)` → a quantizer."
+    "One row: display `name`, `family` (plot colour), `make(config)` → a quantizer; `cache_kw` for the cache, `chunk` tokens per forward."
     name:str; family:str; make:Callable
+    cache_kw:dict = field(default_factory=dict) # more `QuantizedKVCache` options, e.g. `recent_tokens`
+    chunk:int|None = None # write each window `chunk` tokens per forward, as decoding does (None: one prefill)
 
 def geometry(config) -> tuple[int, int, int]:
     "(layers, KV heads, head dim) of a transformers config."
@@ -52,6 +58,30 @@ def paper_methods(seed:int=42, # seed of HQMQ's secondary codebooks and of the T
     ms += [Method(f'tq{b}', 'TurboQuant-style', lambda cfg, b=b: TurboQuantLike(b, seed=seed)) for b in (3, 4)]
     return ms
 
+# %% ../nbs/09_hqmq_eval.ipynb #5d39300a
+HQMQ_PLUS_RICH = frozenset()   # (layer, role) pairs of SmolLM2-135M given the rich configuration: filled from the sweep below
+
+def hqmq_plus_method(seed:int=42, # HQMQ codebook seed
+                     rot_seed:int|None=0, # seed of the Hadamard signs (None: no rotation)
+                     cheap:tuple=(192, 6), rich:tuple|None=None, # (S, b_r) of the two configurations; rich None: an fp16 store
+                     rich_pairs=HQMQ_PLUS_RICH, # (layer, role) pairs given `rich` (pairs outside the model are ignored)
+                     recent_tokens:int=0, chunk:int|None=None, # the cache's fp16 window and the harness's tokens per forward
+                     name:str='hqmq+') -> Method:
+    "HQMQ+ [ours]: (rotated) HQMQ at `cheap`, `rich` on the sensitive (layer, role) pairs, optionally a recent fp16 window."
+    def make(cfg):
+        L, H, d = geometry(cfg); wrap = (lambda q: q) if rot_seed is None else (lambda q: RotatedHQMQ(q, rot_seed))
+        a, b = wrap(HQMQ(*cheap, L, H, d, seed=seed)), CastQuantizer(torch.float16) if rich is None else wrap(HQMQ(*rich, L, H, d, seed=seed))
+        return LayerwiseQuantizer({(l, r): b if (l, r) in rich_pairs else a for l in range(L) for r in 'kv'}, L, name)
+    return Method(name, 'HQMQ+', make, dict(recent_tokens=recent_tokens) if recent_tokens else {}, chunk)
+
+# %% ../nbs/09_hqmq_eval.ipynb #50411864
+def hqmq_plus_ablation(seed:int=42) -> list[Method]:
+    "Each HQMQ+ addition alone on s192r6 (rotation; sensitivity-chosen bits; a 32-token fp16 window, chunks of 16), and all three."
+    return [hqmq_plus_method(seed, cheap=(192, 6), rich_pairs=(), name='s192r6+rot'),
+            hqmq_plus_method(seed, rot_seed=None, name='s192r6+bits'),
+            hqmq_plus_method(seed, rot_seed=None, rich_pairs=(), recent_tokens=32, chunk=16, name='s192r6+win32'),
+            hqmq_plus_method(seed, recent_tokens=32, chunk=16, name='hqmq+ +win32')]
+
 # %% ../nbs/09_hqmq_eval.ipynb #9ff0545f
 def outlier_fraction(cache:QuantizedKVCache) -> tuple[int, int]:
     "(outlier chunks, chunks) held in `cache`'s packed objects (Med3× quantizers; (0, n) for the others)."
@@ -74,6 +104,18 @@ def claimed_bits(q, # a quantizer
         return dict(headline=b, true=b)
     return q.bits_per_element(head_dim, outlier_frac=outlier_frac, tokens=tokens)
 
+# %% ../nbs/09_hqmq_eval.ipynb #9c492b16
+@torch.no_grad()
+def chunked_perplexity(model, wins:torch.Tensor, # a causal LM taking `cache=`, and windows `[B, L]` (one batch)
+                       make_cache:Callable, chunk:int # `make_cache(config)` → a fresh cache; tokens per forward
+                      ) -> PPLResult:
+    "`perplexity` of one batch of windows written into its cache `chunk` tokens per forward, as decoding writes it."
+    cache, t0 = make_cache(model.config), time.perf_counter()
+    lg = torch.cat([model(input_ids=wins[:, i:i+chunk].to(model.device), cache=cache, use_cache=True).logits.float()
+                    for i in range(0, wins.shape[1], chunk)], 1)[:, :-1]
+    tgt = wins[:, 1:].long().to(lg.device); nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt.reshape(-1), reduction='sum').item()
+    return PPLResult(math.exp(nll / tgt.numel()), nll, tgt.numel(), cache.nbytes() / len(wins), cache.bits_per_element(), time.perf_counter() - t0)
+
 # %% ../nbs/09_hqmq_eval.ipynb #9843884f
 def evaluate_method(model, # causal LM taking `cache=`
                     wins:torch.Tensor, # windows `[N, L]`
@@ -88,8 +130,9 @@ def evaluate_method(model, # causal LM taking `cache=`
     q = method.make(model.config); caches, oc = [], [0, 0]
     def make(cfg):
         while caches: o, c = outlier_fraction(caches.pop()); oc[0] += o; oc[1] += c
-        caches.append(QuantizedKVCache(cfg, q, sink_tokens=sink_tokens, fp_layers=fp_layers)); return caches[-1]
-    rs = [perplexity(model, wins[i:i+batch_size], make, batch_size=batch_size, progress=False)
+        caches.append(QuantizedKVCache(cfg, q, **{'sink_tokens': sink_tokens, 'fp_layers': fp_layers, **method.cache_kw})); return caches[-1]
+    run = (lambda w: chunked_perplexity(model, w, make, method.chunk)) if method.chunk else (lambda w: perplexity(model, w, make, batch_size=batch_size, progress=False))
+    rs = [run(wins[i:i+batch_size])
           for i in tqdm(range(0, len(wins), batch_size), desc=method.name, leave=False, disable=not progress)]
     o, c = outlier_fraction(caches.pop()); p = (oc[0] + o) / max(oc[1] + c, 1)
     bits, nll, tok = claimed_bits(q, geometry(model.config)[2], p, wins.shape[1]), [r.nll for r in rs], [r.tokens for r in rs]
@@ -130,6 +173,14 @@ def gap_interval(r:dict, ref:dict, # a row and the fp16 row of `evaluate_model`,
     lo, hi = torch.quantile(gaps, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
     return lo, hi
 
+# %% ../nbs/09_hqmq_eval.ipynb #ac3a9371
+def interval_table(rows:list[dict], **boot) -> str:
+    "`format_table` plus each row's paired-bootstrap 95 % interval of the gap to the fp16 row (when ≥ 2 windows)."
+    ref = next((r for r in rows if r['name'] == 'fp16'), None); lines = format_table(rows).split('\n')
+    cis = [gap_interval(r, ref, **boot) if ref is not None and r is not ref else None for r in rows]
+    return '\n'.join([lines[0] + '  95% CI of the gap', lines[1] + '-' * 19] +
+                      [l + (f"  [{100*c[0]:+.2f}, {100*c[1]:+.2f}]%" if c else '') for l, c in zip(lines[2:], cis)])
+
 # %% ../nbs/09_hqmq_eval.ipynb #546c4288
 def target_verdict(rows:list[dict], # rows from `evaluate_model`, with an fp16 row
                    max_bits:float=5.3, max_gap:float=0.01, # the target: gap ≤ max_gap at ≤ max_bits measured bits
@@ -163,6 +214,9 @@ def target_report(rows:list[dict], # rows from `evaluate_model` (with an fp16 ro
                          (f"dominated by {d['name']} ({d['measured']:.2f} b, ppl {d['ppl']:.3f})" if d else "NOT dominated by any HQMQ row"))
     return '\n'.join(lines)
 
+# %% ../nbs/09_hqmq_eval.ipynb #178d75be
+STYLES = {**FAMILY_STYLE, 'HQMQ+': ('tab:cyan', '*'), 'noise (yardstick)': ('lightgray', '.')}   # family -> (colour, marker) on the plots
+
 # %% ../nbs/09_hqmq_eval.ipynb #2d67a591
 def pareto_plot(rows:list[dict], # rows from `evaluate_model`
                 title:str='', ax=None):
@@ -171,7 +225,7 @@ def pareto_plot(rows:list[dict], # rows from `evaluate_model`
     if ax is None: fig, ax = plt.subplots(figsize=(7, 4.2))
     else: fig = ax.figure
     ref = next((r['ppl'] for r in rows if r['name'] == 'fp16'), None)
-    for fam, (col, mk) in FAMILY_STYLE.items():
+    for fam, (col, mk) in STYLES.items():
         rs = [r for r in rows if r['family'] == fam and r['name'] != 'fp16']
         if rs: ax.scatter([r['measured'] for r in rs], [r['ppl'] for r in rs], c=col, marker=mk, label=fam, zorder=3)
         for r in rs: ax.annotate(r['name'], (r['measured'], r['ppl']), fontsize=7, xytext=(3, 3), textcoords='offset points')
@@ -180,6 +234,48 @@ def pareto_plot(rows:list[dict], # rows from `evaluate_model`
     ax.set_yscale('log'); ax.set_xlabel('measured bits per element (packed bytes × 8 / elements)'); ax.set_ylabel('perplexity')
     ax.set_title(title, fontsize=9); ax.legend(fontsize=7, ncol=2); ax.grid(alpha=.3, which='both')
     return fig
+
+# %% ../nbs/09_hqmq_eval.ipynb #52c10b00
+@torch.no_grad()
+def kv_relmse(model, wins:torch.Tensor, method:Method) -> float:
+    "Σ‖x̂ − x‖² / Σ‖x‖² of `method` on the fp K/V of `wins`: every layer and role, each window one write, a recent window exact."
+    from transformers import DynamicCache
+    q, W, err, tot = method.make(model.config), method.cache_kw.get('recent_tokens', 0), 0., 0.
+    for w in wins:
+        c = DynamicCache(config=model.config); model(input_ids=w[None].to(model.device), cache=c, use_cache=True)
+        for l, lay in enumerate(c.layers):
+            for role, x in (('k', lay.keys.float()), ('v', lay.values.float())):
+                xq = x[..., :x.shape[-2] - W, :]; tot += x.pow(2).sum().item()
+                err += (q.dequantize(q.quantize(xq, l, role)).float() - xq).pow(2).sum().item()
+    return err / tot
+
+# %% ../nbs/09_hqmq_eval.ipynb #dab7b683
+def noise_methods(rels=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2), seed:int=0) -> list[Method]:
+    "Yardstick rows: K/V plus Gaussian noise of each relative MSE in `rels`."
+    return [Method(f'noise {r:.0e}', 'noise (yardstick)', lambda cfg, r=r: NoiseQuantizer(r, seed)) for r in rels]
+
+def relmse_at_gap(rows:list[dict], gap:float=0.01) -> float:
+    "The relative MSE at which the noise yardstick's gap reaches `gap` (log-log interpolation of its rows' `relmse`, `gap`)."
+    nz = sorted(((r['relmse'], r['gap']) for r in rows if r['family'] == 'noise (yardstick)' and r['gap'] > 0))
+    for (x0, y0), (x1, y1) in zip(nz, nz[1:]):
+        if y0 <= gap <= y1: return math.exp(math.log(x0) + (math.log(gap) - math.log(y0)) * (math.log(x1) - math.log(x0)) / (math.log(y1) - math.log(y0)))
+    raise ValueError(f"`gap` {gap} is outside the noise rows' gaps {[round(y, 4) for _, y in nz]}")
+
+# %% ../nbs/09_hqmq_eval.ipynb #b2a4cea6
+def noise_plot(rows:list[dict], # rows with `relmse` and `gap`: methods and `noise_methods` yardstick rows
+               title:str='', ax=None):
+    "Gap to fp16 (%) against K/V relative MSE: one marker per method, the Gaussian-noise yardstick as a line → the figure."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2)) if ax is None else (ax.figure, ax)
+    nz = sorted((r for r in rows if r['family'] == 'noise (yardstick)'), key=lambda r: r['relmse'])
+    ax.plot([r['relmse'] for r in nz], [100 * r['gap'] for r in nz], '-o', color='gray', ms=3, label='Gaussian noise (yardstick)')
+    for fam, (col, mk) in STYLES.items():
+        rs = [r for r in rows if r['family'] == fam and fam not in ('fp16', 'noise (yardstick)')]
+        if rs: ax.scatter([r['relmse'] for r in rs], [100 * r['gap'] for r in rs], c=col, marker=mk, label=fam, zorder=3)
+        for r in rs: ax.annotate(r['name'], (r['relmse'], 100 * r['gap']), fontsize=7, xytext=(3, 3), textcoords='offset points')
+    ax.axhline(1, color='k', lw=1, ls=':', label='fp16 + 1 %'); ax.set_xscale('log'); ax.set_yscale('symlog', linthresh=1)
+    ax.set_xlabel('K/V relative MSE'); ax.set_ylabel('perplexity gap to fp16 (%)'); ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2); ax.grid(alpha=.3, which='both'); return fig
 
 # %% ../nbs/09_hqmq_eval.ipynb #a3bcd514
 def seed_spread(model, wins:torch.Tensor, # the LM and windows `[N, L]`
@@ -236,13 +332,13 @@ def parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/09_hqmq_eval.ipynb #533ddd88
 def parse_options(argv:list[str]|None) -> tuple[argparse.Namespace, list[Method]]:
-    "Parse and check the options; resolve `--methods` against `paper_methods` (a `UsageError` names what is wrong)."
+    "Parse and check the options; resolve `--methods` against `paper_methods`, `hqmq+` and its ablation rows (a `UsageError` names what is wrong)."
     ap = parser(); a = ap.parse_args(argv)
     for v, flag, lo in ((a.windows, '--windows', 1), (a.length, '--length', 2), (a.sinks, '--sinks', 0), (a.seed, '--seed', 0), (a.threads or 1, '--threads', 1)):
         if v < lo: ap.error(f"{flag} must be ≥ {lo}, got {v}")
-    ms = paper_methods(a.seed)
+    ms = paper_methods(a.seed) + [hqmq_plus_method(seed=a.seed)]; extra = {m.name: m for m in hqmq_plus_ablation(a.seed)}
     if a.methods:
-        want = [s.strip() for s in a.methods.split(',') if s.strip()]; names = {m.name: m for m in ms}
+        want = [s.strip() for s in a.methods.split(',') if s.strip()]; names = {**extra, **{m.name: m for m in ms}}
         if bad := [w for w in want if w not in names]: ap.error(f"unknown method(s) {bad}; choose from {list(names)}")
         ms = [names[w] for w in want]
     return a, ms
@@ -259,7 +355,7 @@ def main(argv:list[str]|None=None # command-line arguments (None: `sys.argv[1:]`
     t0 = time.perf_counter(); rows = evaluate_model(model, wins, ms, progress=not a.quiet, sink_tokens=a.sinks)
     print(f"SmolLM2-135M-Instruct ({a.dtype}, {model.device}), Jargon File: {a.windows} windows × {a.length} tokens, "
           f"sinks {a.sinks}, {time.perf_counter()-t0:.0f} s\n")
-    print(format_table(rows)); print(); print(target_report(rows))
+    print(interval_table(rows)); print(); print(target_report(rows))
     import matplotlib.pyplot as plt
     fig = pareto_plot(rows, f"SmolLM2-135M, Jargon File, {a.windows} × {a.length} tokens")
     fig.savefig(a.out, dpi=120, bbox_inches='tight'); plt.close(fig); print(f"\nwrote {a.out}")

@@ -16,8 +16,8 @@ from .train import fit_batches
 # %% auto #0
 __all__ = ['MQAR_JOB', 'model_device', 'decode_scaling', 'mqar_vocab', 'mqar_batch', 'lm_loss', 'lm_schedule', 'train_lm',
            'mqar_accuracy', 'state_bytes_after', 'recall_vs_pairs', 'byte_stream', 'random_crops', 'position_nll',
-           'stratified_nll', 'memory_off', 'swap_prefix', 'gate_report', 'tc_parser', 'scaling_table', 'mqar_table',
-           'main']
+           'stratified_nll', 'memory_off', 'swap_prefix', 'plant_repeat', 'repeat_crops', 'copy_nll', 'recall_gain',
+           'gate_report', 'tc_parser', 'scaling_table', 'mqar_table', 'main']
 
 # %% ../nbs/09b_tc_eval.ipynb #a0c84dcf
 def model_device(model:nn.Module) -> torch.device:
@@ -189,6 +189,49 @@ def swap_prefix(seqs:torch.Tensor, # `[N, T]` token ids, N ≥ 2
     if seqs.shape[0] < 2: raise ValueError(f"`seqs` needs ≥ 2 sequences to swap content between, got {seqs.shape[0]}")
     out = seqs.clone(); out[:, :n] = seqs.roll(1, 0)[:, :n]
     return out
+
+# %% ../nbs/09b_tc_eval.ipynb #775d27e6
+def plant_repeat(seqs:torch.Tensor, # `[N, T]` token ids
+                 n:int, gap:int, start:int, # passage length, tokens between the copies, first copy's position
+                 control:bool=False # replace the first copy with the previous sequence's tokens (N ≥ 2)
+                ) -> torch.Tensor:
+    "`seqs` with `seqs[:, start:start+n]` copied to `start+n+gap`; with `control` the first copy becomes other content."
+    check_ids(seqs, 'seqs', 2, '[N, T] token ids'); check_int(n, 'n', 1); check_int(gap, 'gap', 0); check_int(start, 'start', 0)
+    s2 = start + n + gap
+    if s2 + n > seqs.shape[1]: raise ValueError(f"the second copy ends at {s2 + n}, beyond the sequence length {seqs.shape[1]}")
+    if control and seqs.shape[0] < 2: raise ValueError(f"`control` needs ≥ 2 sequences, got {seqs.shape[0]}")
+    out = seqs.clone(); out[:, s2:s2 + n] = seqs[:, start:start + n]
+    if control: out[:, start:start + n] = seqs.roll(1, 0)[:, start:start + n]
+    return out
+
+# %% ../nbs/09b_tc_eval.ipynb #c15210f3
+def repeat_crops(stream:torch.Tensor, # token ids `[N]`
+                 batch_size:int, length:int, # B crops of `length` tokens
+                 n:int, max_gap:int, # passage length, largest gap (uniform in `[0, max_gap]`)
+                 frac:float=0.5, # fraction of crops given a repeat
+                 generator:torch.Generator|None=None # RNG
+                ) -> torch.Tensor: # `[B, length]`
+    "`random_crops`, a fraction `frac` of them with an `n`-token passage repeated after a random gap at a random place."
+    check_int(n, 'n', 1); check_int(max_gap, 'max_gap', 0, length - 2 * n)
+    if not 0 <= frac <= 1: raise ValueError(f"`frac` must be in [0, 1], got {frac}")
+    x = random_crops(stream, batch_size, length, generator)
+    for b in torch.nonzero(torch.rand(batch_size, generator=generator) < frac).flatten().tolist():
+        g = int(torch.randint(0, max_gap + 1, (1,), generator=generator))
+        x[b] = plant_repeat(x[b:b + 1], n, g, int(torch.randint(0, length - 2 * n - g + 1, (1,), generator=generator)))[0]
+    return x
+
+# %% ../nbs/09b_tc_eval.ipynb #9f8c28cf
+def copy_nll(nll:torch.Tensor, start:int, n:int # `[T - 1]` from `position_nll`; a copy's position and length
+            ) -> float:
+    "Mean NLL (bits) on the copy's tokens 2..n (its first token has nothing earlier to be recalled from)."
+    return (nll[start:start + n - 1].mean() / math.log(2)).item()
+
+@torch.no_grad()
+def recall_gain(model:nn.Module, seqs:torch.Tensor, n:int, gap:int, start:int) -> dict:
+    "Bits per token on the first copy, the second copy, the second copy under the control; `gain` = control − second."
+    rep, ctl = (position_nll(model, plant_repeat(seqs, n, gap, start, control=c)) for c in (False, True))
+    d = dict(first=copy_nll(rep, start, n), second=copy_nll(rep, start + n + gap, n), control=copy_nll(ctl, start + n + gap, n))
+    return dict(d, gain=d['control'] - d['second'])
 
 # %% ../nbs/09b_tc_eval.ipynb #8a92e889
 def gate_report(model:TinyLM) -> list[dict]:

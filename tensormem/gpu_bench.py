@@ -14,14 +14,11 @@ __all__ = ['FULL', 'QUICK', 'SMOKE', 'environment', 'make_timer', 'bench_decode'
            'find_records', 'table', 'show_record', 'plot_decode']
 
 # %% ../nbs/12_gpu_eval.ipynb #a7858c10
-from transformers import LlamaConfig, LlamaForCausalLM, DynamicCache
-from .core import seed_everything
+from .core import seed_everything, require
 from .hqmq import HQMQ
-from .hf_cache import QuantizedKVCache
 from .tensor_cache import TensorCacheAttention, TCState, window_attention, evicted_read
 from .ops.hqmq import hqmq_encode, hqmq_decode_attention, dequant_sdpa, decode_bytes, fp16_kv_bytes
 from .ops.dla import tensor_cache_heads, sliding_window_attention, l2_read
-from .fused import FusedHQMQCache, enable_fused_hqmq
 
 # %% ../nbs/12_gpu_eval.ipynb #fdc4838c
 def _run(cmd:list[str]) -> str|None:
@@ -205,16 +202,18 @@ def bench_tc_step(timer, contexts:list, # [t, ...]
 # %% ../nbs/12_gpu_eval.ipynb #e2ada163
 def _random_llama(layers:int, geometry:dict|None, max_T:int, dev, dt):
     "A random-weight Llama (Llama-3-8B widths unless `geometry` overrides them), switched to the fused HQMQ attention."
+    tf = require('transformers'); from tensormem.fused import enable_fused_hqmq
     geo = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
-    cfg = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max_T + 65536, **{**geo, **(geometry or {})})
+    cfg = tf.LlamaConfig(num_hidden_layers=layers, max_position_embeddings=max_T + 65536, **{**geo, **(geometry or {})})
     seed_everything(0)
-    with torch.device(dev): return enable_fused_hqmq(LlamaForCausalLM(cfg).to(dt).eval())
+    with torch.device(dev): return enable_fused_hqmq(tf.LlamaForCausalLM(cfg).to(dt).eval())
 
 def _filled_caches(model, hq:HQMQ, B:int, T:int, sinks:int, ref_max_elems:int, g) -> dict:
     "Each cache holding the same T random tokens: `DynamicCache`, `FusedHQMQCache` and, where affordable, `QuantizedKVCache`."
+    from tensormem.fused import FusedHQMQCache; from tensormem.hf_cache import QuantizedKVCache
     cfg, dev, dt = model.config, model.device, model.dtype; Hkv, d = cfg.num_key_value_heads, cfg.head_dim
     kv = [[torch.randn(B, Hkv, T, d, generator=g, device=dev, dtype=dt) for _ in range(2)] for _ in range(cfg.num_hidden_layers)]
-    caches = dict(dense=DynamicCache(config=cfg), fused=FusedHQMQCache(cfg, hq, sink_tokens=sinks, backend='triton'))
+    caches = dict(dense=require('transformers').DynamicCache(config=cfg), fused=FusedHQMQCache(cfg, hq, sink_tokens=sinks, backend='triton'))
     if B * Hkv * T * d <= ref_max_elems: caches['reference'] = QuantizedKVCache(cfg, hq, sink_tokens=sinks)
     for c in caches.values():
         for i, (k, v) in enumerate(kv): c.update(k, v, i)

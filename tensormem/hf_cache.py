@@ -212,12 +212,15 @@ class QuantizedKVLayer(DynamicLayer):
     def __init__(self, quantizer, # any tensormem quantizer (`quantize`/`dequantize`)
                  layer_idx:int, # this layer's index (the quantizer keeps per-layer codebooks)
                  sink_tokens:int=0, # first real tokens of each row kept unquantized
-                 full_precision:bool=False # keep the whole layer unquantized
+                 full_precision:bool=False, # keep the whole layer unquantized
+                 recent_tokens:int=0, # last tokens kept in `recent_dtype`, packed only once they leave this window (KIVI-style)
+                 recent_dtype:torch.dtype|None=torch.float16 # the window's dtype (None: as given, lossless)
                 ):
         super().__init__()
         self.quantizer, self.layer_idx, self.sink_tokens, self.full_precision = quantizer, layer_idx, sink_tokens, full_precision
         self.cumulative_length, self.packed, self.starts = 0, {'k': [], 'v': []}, None
         self.packed_start = self.plain_end = self.valid_from = 0   # the layout, set at the first write
+        self.recent_tokens, self.recent_dtype, self.recent = recent_tokens, recent_dtype, {'k': None, 'v': None}
 
     def get_seq_length(self) -> int: return self.cumulative_length
 
@@ -263,7 +266,19 @@ def _write(self:QuantizedKVLayer, x:torch.Tensor, role:str):
         plain = torch.cat([self.keys if role == 'k' else self.values, x[..., :n_plain, :]], -2)
         if role == 'k': self.keys = plain
         else: self.values = plain
-    if skip < t: self.packed[role] = cat_packed(self.quantizer, self.packed[role] + [self._quantize(x[..., skip:, :], role, T + skip)])
+    if skip < t: self._pack(x[..., skip:, :], role, T + skip)
+
+# %% ../nbs/04_hf_cache.ipynb #f0abe092
+@patch
+def _pack(self:QuantizedKVLayer, x:torch.Tensor, role:str, t0:int):
+    "Pack the write `x` at positions [t0, t0 + t); with a recent window keep its newest tokens in `recent_dtype`, pack what leaves it."
+    if self.recent_tokens:
+        old = self.recent[role]; x = x if old is None else torch.cat([old.to(x.dtype), x], -2)   # packed in the write's dtype
+        t0, n = t0 - (0 if old is None else old.shape[-2]), x.shape[-2] - self.recent_tokens
+        self.recent[role] = x[..., max(n, 0):, :].to(self.recent_dtype or x.dtype, copy=True)
+        if n <= 0: return
+        x = x[..., :n, :]
+    self.packed[role] = cat_packed(self.quantizer, self.packed[role] + [self._quantize(x, role, t0)])
 
 # %% ../nbs/04_hf_cache.ipynb #1c53070b
 def takes_valid(quantizer) -> bool:
@@ -280,9 +295,10 @@ def _quantize(self:QuantizedKVLayer, x:torch.Tensor, role:str, t0:int):
 # %% ../nbs/04_hf_cache.ipynb #854dd168
 @patch
 def _history(self:QuantizedKVLayer, role:str, dtype:torch.dtype) -> torch.Tensor:
-    "The whole history of `role` `[B, H, T, D]`: the as-given prefix, the packed rest decoded, each row's sinks exact."
+    "The whole history of `role` `[B, H, T, D]`: the as-given prefix, the packed rest decoded, the recent window, each row's sinks exact."
     plain = self.keys if role == 'k' else self.values
     deq = [self.quantizer.dequantize(p).to(dtype) for p in self.packed[role]]
+    if self.recent[role] is not None: deq.append(self.recent[role].to(dtype))      # the recent window follows the packed tokens
     if not deq: return plain
     a, b = self.packed_start, min(self.plain_end, self.cumulative_length)
     h = torch.cat([plain[..., :a, :]] + deq, -2)
@@ -313,8 +329,8 @@ def update(self:QuantizedKVLayer, key_states:torch.Tensor, value_states:torch.Te
 # %% ../nbs/04_hf_cache.ipynb #7522c840
 @patch
 def nbytes(self:QuantizedKVLayer) -> int:
-    "True stored bytes of this layer: packed K and V plus the unquantized (sink / full-precision) tensors."
-    plain = sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+    "True stored bytes of this layer: packed K and V plus the unquantized (sink / full-precision / recent-window) tensors."
+    plain = sum(t.numel() * t.element_size() for t in (self.keys, self.values, *self.recent.values()) if t is not None)
     return plain + sum(p.nbytes for r in 'kv' for p in self.packed[r])
 
 @patch
@@ -327,6 +343,7 @@ def n_elements(self:QuantizedKVLayer) -> int:
 @patch
 def reset(self:QuantizedKVLayer):
     DynamicLayer.reset(self); self.cumulative_length, self.packed, self.starts = 0, {'k': [], 'v': []}, None
+    self.recent = {'k': None, 'v': None}
 
 # %% ../nbs/04_hf_cache.ipynb #bf2e6441
 @patch
@@ -339,13 +356,15 @@ def _own_storage(self:QuantizedKVLayer, what:str):
 @patch
 def _index_plan(self:QuantizedKVLayer, idx:torch.Tensor # `[B']` long rows to keep, in order (repeats allowed)
                ):
-    "Select rows `idx` of everything stored (as-given prefix, packed writes, row starts); returns the function that applies it."
+    "Select rows `idx` of everything stored (as-given prefix, packed writes, recent window, row starts); returns the function that applies it."
     self._own_storage('_index_plan')
     if not self.is_initialized: return lambda: None
     idx = torch.as_tensor(idx).to(self.device)
     packed = {r: [packed_select(p, idx) for p in ps] for r, ps in self.packed.items()}   # may refuse: nothing changed yet
+    recent = {r: None if t is None else t[idx] for r, t in self.recent.items()}
     def apply():
         self.keys, self.values, self.packed, self._shape = self.keys[idx], self.values[idx], packed, (len(idx), *self._shape[1:])
+        self.recent = recent
         if self.starts is not None: self.starts = self.starts[idx]
     return apply
 
@@ -385,10 +404,12 @@ def _crop_plan(self:QuantizedKVLayer, tokens_to_remove:int):
         raise ValueError(f"`tokens_to_remove` must be an int ≤ 0 (crop(-n) drops the last n tokens), got {tokens_to_remove!r}")
     T = self.cumulative_length; n = T + tokens_to_remove
     if n < 0: raise ValueError(f"cannot crop {-tokens_to_remove} tokens: this cache layer holds {T}")
-    packed = {r: _head_list(ps, n - self.packed_start) for r, ps in self.packed.items()}
+    keep, P = n - self.packed_start, sum(p.shape[2] for p in self.packed['k'])   # positions kept from `packed_start` on; packed ones
+    packed = {r: _head_list(ps, keep) for r, ps in self.packed.items()}
+    recent = {r: None if t is None else t[..., :max(0, keep - P), :] for r, t in self.recent.items()}   # the window may empty
     def apply():
         if self.is_initialized: self.keys, self.values = self.keys[..., :min(n, self.plain_end), :], self.values[..., :min(n, self.plain_end), :]
-        self.packed, self.cumulative_length = packed, n
+        self.packed, self.recent, self.cumulative_length = packed, recent, n
         if n == 0: self.starts = None                 # a fresh first write sets the row starts again
     return apply
 
@@ -410,15 +431,19 @@ class QuantizedKVCache(Cache):
     def __init__(self, config, # the model config (`model.config`)
                  quantizer, # `quantize(x, layer, role)` / `dequantize(packed)`, e.g. `HQMQ`, `NaiveInt`, `CastQuantizer`
                  sink_tokens:int=0, # first real tokens of each row kept unquantized (attention sinks)
-                 fp_layers=() # layer indices stored unquantized
+                 fp_layers=(), # layer indices stored unquantized
+                 recent_tokens:int=0, # newest tokens kept in `recent_dtype` until they leave this window (KIVI-style)
+                 recent_dtype:torch.dtype|None=torch.float16 # the window's dtype (None: as given, lossless)
                 ):
         check_quantizer(quantizer)
         cfg = config.get_text_config(decoder=True); n = cfg.num_hidden_layers
-        check_int(sink_tokens, 'sink_tokens', 0)
+        check_int(sink_tokens, 'sink_tokens', 0); check_int(recent_tokens, 'recent_tokens', 0)
+        if recent_dtype is not None and not (isinstance(recent_dtype, torch.dtype) and recent_dtype.is_floating_point):
+            raise TypeError(f"`recent_dtype` must be None or a floating torch dtype, got {recent_dtype!r}")
         bad = [i for i in fp_layers if not 0 <= i < n]
         if bad: raise ValueError(f"`fp_layers` must be layer indices in [0, {n}), got {bad}")
-        self.quantizer, self.sink_tokens, self.fp_layers = quantizer, sink_tokens, tuple(fp_layers)
-        super().__init__(layers=[QuantizedKVLayer(quantizer, i, sink_tokens, i in self.fp_layers) for i in range(n)])
+        self.quantizer, self.sink_tokens, self.fp_layers, self.recent_tokens = quantizer, sink_tokens, tuple(fp_layers), recent_tokens
+        super().__init__(layers=[QuantizedKVLayer(quantizer, i, sink_tokens, i in self.fp_layers, recent_tokens, recent_dtype) for i in range(n)])
 
     def _all(self, plan:str, *args):
         "Plan a change in every layer, then apply them all: one layer that refuses leaves every layer as it was."
@@ -428,7 +453,7 @@ class QuantizedKVCache(Cache):
     def batch_select_indices(self, indices:torch.Tensor): self._all('_index_plan', _rows(indices))
     def batch_repeat_interleave(self, repeats:int): self._all('_repeat_plan', repeats)
     def nbytes(self) -> int:
-        "True stored bytes over all layers (packed codes + unquantized sinks / layers)."
+        "True stored bytes over all layers (packed codes + unquantized sinks / layers / recent window)."
         return sum(l.nbytes() for l in self.layers)
     def n_elements(self) -> int:
         "K and V scalars represented over all layers."
@@ -444,4 +469,4 @@ def bits_per_element(self:QuantizedKVCache) -> float:
     "Measured true bits per stored K/V scalar."
     return 8 * self.nbytes() / max(self.n_elements(), 1)
 @patch
-def __repr__(self:QuantizedKVCache): return f"QuantizedKVCache({self.quantizer!r}, sink_tokens={self.sink_tokens}, fp_layers={self.fp_layers})"
+def __repr__(self:QuantizedKVCache): return f"QuantizedKVCache({self.quantizer!r}, sink_tokens={self.sink_tokens}, fp_layers={self.fp_layers}, recent_tokens={self.recent_tokens})"

@@ -158,6 +158,12 @@ FAMILY_STYLE = {'fp16': ('black', 's'), 'naive int': ('tab:gray', 'o'), 'naive i
                 'other': ('tab:olive', '*')}   # family -> (colour, marker)
 MED3_SUFFIX = {'med': '+Med3×', 'med_row': '+Med3×(row)', 'med_token': '+Med3×(token)'}   # Med3× mode -> family suffix
 
+# %% ../nbs/02_quant.ipynb #9a0b1c03
+def _field_bytes(n:int, width:int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    "Bit offset of each of `n` fields `[n]`, and the bytes each one touches `[n, k]`, k = ⌈(width + 7)/8⌉."
+    off = torch.arange(n, device=device) * width
+    return off, (off >> 3)[:, None] + torch.arange((width + 14) // 8, device=device)
+
 # %% ../nbs/02_quant.ipynb #e173805a
 def pack_bits(codes:torch.Tensor, # `[..., n]` integer (or bool) codes in [0, 2**width)
               width:int, # bits per code, 1..32
@@ -169,9 +175,10 @@ def pack_bits(codes:torch.Tensor, # `[..., n]` integer (or bool) codes in [0, 2*
     c = codes.long(); n, dv = c.shape[-1] if c.ndim else 0, c.device; nbytes = -(-n * width // 8)
     if check and codes.dtype != torch.bool and c.numel() and dv.type != 'meta' and bool(((c < 0) | (c >= 2**width)).any()):   # bool: in range, no sync
         raise ValueError(f"`codes` must lie in [0, {2**width - 1}] for width {width}, got values in [{int(c.min())}, {int(c.max())}]")
-    bits = ((c[..., None] >> torch.arange(width, device=dv)) & 1).flatten(-2)
-    bits = F.pad(bits, (0, nbytes * 8 - n * width)).unflatten(-1, (nbytes, 8))
-    return (bits << torch.arange(8, device=dv)).sum(-1).to(torch.uint8)
+    off, at = _field_bytes(n, width, dv); k = at.shape[1]
+    parts = ((c << (off & 7))[..., None] >> (8 * torch.arange(k, device=dv))) & 255        # [..., n, k] disjoint bits
+    out = c.new_zeros(*c.shape[:-1], nbytes + k)
+    return out.scatter_add_(-1, at.flatten().expand(*c.shape[:-1], n * k), parts.flatten(-2))[..., :nbytes].to(torch.uint8)
 
 # %% ../nbs/02_quant.ipynb #9d8ddb30
 def unpack_bits(packed:torch.Tensor, # `[..., nbytes]` uint8 from `pack_bits`
@@ -181,9 +188,9 @@ def unpack_bits(packed:torch.Tensor, # `[..., nbytes]` uint8 from `pack_bits`
     check_int(width, 'width', 1, 32); check_int(n, 'n', 0)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8: raise TypeError(f"`packed` must be a uint8 tensor from `pack_bits`, got {getattr(packed, 'dtype', type(packed).__name__)}")
     if packed.ndim == 0 or packed.shape[-1] != -(-n * width // 8): raise ValueError(f"`packed` must have last dim {-(-n * width // 8)} for {n} codes of width {width}, got shape {tuple(packed.shape)}")
-    dv = packed.device
-    bits = ((packed.long()[..., None] >> torch.arange(8, device=dv)) & 1).flatten(-2)[..., :n * width]
-    return (bits.unflatten(-1, (n, width)) << torch.arange(width, device=dv)).sum(-1)
+    off, at = _field_bytes(n, width, packed.device); k = at.shape[1]
+    b = F.pad(packed, (0, k)).long()[..., at]                                            # [..., n, k] the bytes of each field
+    return ((b << (8 * torch.arange(k, device=packed.device))).sum(-1) >> (off & 7)) & ((1 << width) - 1)
 
 # %% ../nbs/02_quant.ipynb #2167b82e
 def chunk_norms(xc:torch.Tensor # `[..., 4]` chunks

@@ -1,6 +1,7 @@
 "Fused HQMQ decode in transformers (11_fused_decode): the append-only store, the kernel over it, generate() through it."
 import ast, math, subprocess, sys, pytest, torch
 from hypothesis import given, settings, strategies as st
+pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
 from tensormem.hf_cache import tiny_llama
 from tensormem.hqmq import HQMQ, HQMQPacked
 from tensormem.quant import synthetic_kv, codes_equal, unpack_bits

@@ -149,3 +149,34 @@ def test_all_fp_layers_equal_dense():
         ref = m(input_ids=ids).logits
         out = m(input_ids=ids, cache=QuantizedKVCache(m.config, Int8(), fp_layers=range(3)), use_cache=True).logits
     assert torch.equal(out, ref)
+
+# ---- the recent-token window (KIVI-style fp16 window) ----
+@pytest.mark.parametrize('window', [1, 3, 20])
+def test_lossless_window_matches_dynamic_cache_generate(window):
+    "A lossless window (as-given dtype) is invisible through generate(): greedy, left-padded, beam search, prompt lookup (crop)."
+    m = tiny(); ids = torch.randint(1, 97, (3, 9), generator=torch.Generator().manual_seed(5)); ids[:, 5:] = ids[:, :4]
+    mask = torch.ones_like(ids); mask[1, :2] = 0; ids[mask == 0] = 0
+    mk = lambda: QuantizedKVCache(m.config, CastQuantizer(None), recent_tokens=window, recent_dtype=None)
+    with torch.no_grad():
+        for kw in (dict(), dict(num_beams=3), dict(sink_tokens=2)):
+            sinks = kw.pop('sink_tokens', 0)
+            c = QuantizedKVCache(m.config, CastQuantizer(None), sink_tokens=sinks, recent_tokens=window, recent_dtype=None)
+            ref = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, **kw)
+            assert torch.equal(m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, cache=c, **kw), ref)
+        ref = m.generate(input_ids=ids[:1], max_new_tokens=7, do_sample=False, prompt_lookup_num_tokens=3)
+        assert torch.equal(m.generate(input_ids=ids[:1], max_new_tokens=7, do_sample=False, prompt_lookup_num_tokens=3, cache=mk()), ref)
+
+def test_window_keeps_newest_in_fp16_and_counts_its_bytes():
+    m = tiny(); q = Int8(); ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    c = QuantizedKVCache(m.config, q, recent_tokens=4)
+    with torch.no_grad(): m(input_ids=ids, cache=c, use_cache=True); m(input_ids=ids[:, :1], cache=c, use_cache=True)
+    assert [t for l, r, t in q.calls if (l, r) == (0, 'k')] == [8, 1]    # 8 of the prefill packed, then the token leaving the window
+    lay = c.layers[0]; assert lay.recent['k'].dtype == torch.float16 and lay.recent['k'].shape[2] == 4
+    B, H, D = 2, 2, 16
+    assert c.nbytes() == 3 * 2 * (B * H * 9 * (D + 2) + B * H * 4 * D * 2)   # 3 layers, K and V: 9 packed int8 + fp16 scale, 4 in fp16
+    assert c.get_seq_length() == 13
+
+def test_window_bad_args():
+    m = tiny()
+    with pytest.raises(ValueError, match='recent_tokens'): QuantizedKVCache(m.config, Int8(), recent_tokens=-2)
+    with pytest.raises(TypeError, match='recent_dtype'): QuantizedKVCache(m.config, Int8(), recent_dtype=torch.int8)
