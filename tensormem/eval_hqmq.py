@@ -18,11 +18,11 @@ from .quant import FAMILY_STYLE, MED3_SUFFIX
 from .hqmq_plus import RotatedHQMQ, LayerwiseQuantizer, NoiseQuantizer
 
 # %% auto #0
-__all__ = ['HQMQ_PLUS_RICH', 'STYLES', 'Method', 'geometry', 'hqmq_method', 'paper_methods', 'hqmq_plus_method',
-           'hqmq_plus_ablation', 'outlier_fraction', 'claimed_bits', 'chunked_perplexity', 'evaluate_method',
-           'evaluate_model', 'format_table', 'gap_interval', 'interval_table', 'target_verdict', 'dominated_by',
-           'target_report', 'pareto_plot', 'kv_relmse', 'noise_methods', 'relmse_at_gap', 'noise_plot', 'seed_spread',
-           'greedy_agreement', 'decode_speed', 'parser', 'parse_options', 'main']
+__all__ = ['HQMQ_PLUS_K', 'HQMQ_PLUS_V', 'HQMQ_PLUS_RICH', 'STYLES', 'Method', 'geometry', 'hqmq_method', 'paper_methods',
+           'hqmq_plus_method', 'hqmq_plus_ablation', 'outlier_fraction', 'claimed_bits', 'chunked_perplexity',
+           'evaluate_method', 'evaluate_model', 'format_table', 'gap_interval', 'interval_table', 'target_verdict',
+           'dominated_by', 'target_report', 'pareto_plot', 'kv_relmse', 'noise_methods', 'relmse_at_gap', 'noise_plot',
+           'seed_spread', 'greedy_agreement', 'decode_speed', 'parser', 'parse_options', 'main']
 
 # %% ../nbs/09_hqmq_eval.ipynb #cacf97a5
 @dataclass
@@ -59,27 +59,30 @@ def paper_methods(seed:int=42, # seed of HQMQ's secondary codebooks and of the T
     return ms
 
 # %% ../nbs/09_hqmq_eval.ipynb #5d39300a
-HQMQ_PLUS_RICH = frozenset()   # (layer, role) pairs of SmolLM2-135M given the rich configuration: filled from the sweep below
+HQMQ_PLUS_K, HQMQ_PLUS_V = (768, 5), (768, 5)   # (S, b_r) of keys and of values (a finer direction codebook than the paper's S ≤ 192)
+HQMQ_PLUS_RICH = frozenset({(10, 'k')})          # (layer, role) pairs of SmolLM2-135M kept in fp16: the sweep's allocation at 5.3 bits
 
 def hqmq_plus_method(seed:int=42, # HQMQ codebook seed
                      rot_seed:int|None=0, # seed of the Hadamard signs (None: no rotation)
-                     cheap:tuple=(192, 6), rich:tuple|None=None, # (S, b_r) of the two configurations; rich None: an fp16 store
-                     rich_pairs=HQMQ_PLUS_RICH, # (layer, role) pairs given `rich` (pairs outside the model are ignored)
+                     k:tuple=HQMQ_PLUS_K, v:tuple=HQMQ_PLUS_V, # (S, b_r) of keys and of values
+                     rich:tuple|None=None, rich_pairs=HQMQ_PLUS_RICH, # (S, b_r) of the rich pairs (None: an fp16 store); the pairs
                      recent_tokens:int=0, chunk:int|None=None, # the cache's fp16 window and the harness's tokens per forward
                      name:str='hqmq+') -> Method:
-    "HQMQ+ [ours]: (rotated) HQMQ at `cheap`, `rich` on the sensitive (layer, role) pairs, optionally a recent fp16 window."
+    "HQMQ+ [ours]: (rotated) HQMQ per role, `rich` on the sensitive (layer, role) pairs (outside the model: ignored), an optional fp16 window."
     def make(cfg):
         L, H, d = geometry(cfg); wrap = (lambda q: q) if rot_seed is None else (lambda q: RotatedHQMQ(q, rot_seed))
-        a, b = wrap(HQMQ(*cheap, L, H, d, seed=seed)), CastQuantizer(torch.float16) if rich is None else wrap(HQMQ(*rich, L, H, d, seed=seed))
-        return LayerwiseQuantizer({(l, r): b if (l, r) in rich_pairs else a for l in range(L) for r in 'kv'}, L, name)
+        qk = wrap(HQMQ(*k, L, H, d, seed=seed)); qv = qk if v == k else wrap(HQMQ(*v, L, H, d, seed=seed))
+        qr = CastQuantizer(torch.float16) if rich is None else wrap(HQMQ(*rich, L, H, d, seed=seed))
+        return LayerwiseQuantizer({(l, r): qr if (l, r) in rich_pairs else (qk if r == 'k' else qv) for l in range(L) for r in 'kv'}, L, name)
     return Method(name, 'HQMQ+', make, dict(recent_tokens=recent_tokens) if recent_tokens else {}, chunk)
 
 # %% ../nbs/09_hqmq_eval.ipynb #50411864
 def hqmq_plus_ablation(seed:int=42) -> list[Method]:
-    "Each HQMQ+ addition alone on s192r6 (rotation; sensitivity-chosen bits; a 32-token fp16 window, chunks of 16), and all three."
-    return [hqmq_plus_method(seed, cheap=(192, 6), rich_pairs=(), name='s192r6+rot'),
-            hqmq_plus_method(seed, rot_seed=None, name='s192r6+bits'),
-            hqmq_plus_method(seed, rot_seed=None, rich_pairs=(), recent_tokens=32, chunk=16, name='s192r6+win32'),
+    "Each HQMQ+ addition alone (rotation on s192r6; S = 768 rotated without the fp16 pairs; the bits without rotation; a 32-token fp16 window on s192r6, chunks of 16), and all."
+    return [hqmq_plus_method(seed, k=(192, 6), v=(192, 6), rich_pairs=(), name='s192r6+rot'),
+            hqmq_plus_method(seed, rich_pairs=(), name='s768r5+rot'),
+            hqmq_plus_method(seed, rot_seed=None, name='hqmq+ norot'),
+            hqmq_plus_method(seed, rot_seed=None, k=(192, 6), v=(192, 6), rich_pairs=(), recent_tokens=32, chunk=16, name='s192r6+win32'),
             hqmq_plus_method(seed, recent_tokens=32, chunk=16, name='hqmq+ +win32')]
 
 # %% ../nbs/09_hqmq_eval.ipynb #9ff0545f

@@ -16,10 +16,11 @@ from .quant import unpack_bits
 from .hqmq import HQMQ, HQMQPacked, unpack_digits
 from .ops.triton_utils import HAS_TRITON
 from .ops.hqmq import DecodeSource, decode_attention_sources, hqmq_encode
+from .ops.hqmq_codes import HQMQCodes, code_attention
 from .hf_cache import QuantizedKVCache, QuantizedKVLayer
 
 # %% auto #0
-__all__ = ['ATTN_NAME', 'HQMQStore', 'FusedKV', 'FusedHQMQLayer', 'left_padding_starts', 'dense_attention',
+__all__ = ['ATTN_NAME', 'BACKENDS', 'HQMQStore', 'FusedKV', 'FusedHQMQLayer', 'left_padding_starts', 'dense_attention',
            'fused_hqmq_attention', 'enable_fused_hqmq', 'FusedHQMQCache']
 
 # %% ../nbs/11_fused_decode.ipynb #e963db51
@@ -233,27 +234,35 @@ class FusedKV:
     def __repr__(self): return f"FusedKV(layer {self.layer.layer_idx}, T={self.layer.cumulative_length})"
 
 # %% ../nbs/11_fused_decode.ipynb #ad271a8c
+BACKENDS = ('auto', 'triton', 'codes', 'torch')
+
 class FusedHQMQLayer(QuantizedKVLayer):
     "One layer's K/V in two `HQMQStore`s (sinks unquantized); decode steps attend through the fused kernel."
     def __init__(self, hq:HQMQ, layer_idx:int, sink_tokens:int=0,
-                 backend:str='auto', # 'auto' (fused on CUDA with Triton, else dequantize + SDPA), 'triton' or 'torch'
+                 backend:str='auto', # 'auto' (Triton kernel on CUDA, attention on the codes on CPU), 'triton', 'codes' or 'torch'
                  block:int=32 # tokens per tile of the decode kernel
                 ):
-        if backend not in ('auto', 'triton', 'torch'): raise ValueError(f"`backend` must be 'auto', 'triton' or 'torch', got {backend!r}")
+        if backend not in BACKENDS: raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
         super().__init__(hq, layer_idx, sink_tokens, False)
-        self.backend, self.block, self.stores = backend, block, None
+        self.backend, self.block, self.stores, self.codes = backend, block, None, None
 
     def nbytes(self) -> int:
-        "True stored bytes: both stores (with their tile offsets) plus the unquantized sinks."
+        "True stored bytes: both stores (packed, with their tile offsets) or both code mirrors, plus the unquantized sinks."
         plain = sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
-        return plain + (sum(s.nbytes() for s in self.stores.values()) if self.stores else 0)
+        return plain + sum(s.nbytes() for s in (self.stores or self.codes or {}).values())
 
 # %% ../nbs/11_fused_decode.ipynb #5781a658
 @patch
+def _mode(self:FusedHQMQLayer, x:Tensor) -> str:
+    "How this layer stores and attends for tensors like `x`: 'triton', 'codes' or 'torch' ('auto' picks by device)."
+    if self.backend != 'auto': return self.backend
+    return 'codes' if not x.is_cuda else 'triton' if HAS_TRITON else 'torch'
+
+@patch
 def _fused(self:FusedHQMQLayer, x:Tensor) -> bool:
-    "Decode steps (one new token) over a non-empty store go through the kernel when the backend allows."
-    use = self.backend == 'triton' or (self.backend == 'auto' and HAS_TRITON and x.is_cuda)
-    return use and x.shape[-2] == 1 and self.stores is not None and len(self.stores['k']) > 0
+    "Decode steps (one new token) over a non-empty store or mirror go through the kernel or the code-domain attention."
+    held = self.codes if self._mode(x) == 'codes' else self.stores
+    return self._mode(x) in ('triton', 'codes') and x.shape[-2] == 1 and held is not None and len(held['k']) > 0
 
 @patch
 def _valid(self:FusedHQMQLayer, t0:int, t:int) -> Tensor|None:
@@ -272,6 +281,10 @@ def _write(self:FusedHQMQLayer, x:Tensor, role:str):
         if role == 'k': self.keys = plain
         else: self.values = plain
     if skip == t: return
+    if self._mode(x) == 'codes':                                       # CPU: keep the codes unpacked, score on them
+        if self.codes is None: self.codes = {r: HQMQCodes(self.quantizer, self.layer_idx, r, x.shape[0], x.shape[1], x.device) for r in 'kv'}
+        self.codes[role].append_codes(*self.quantizer.encode(x[..., skip:, :], self.layer_idx, role, self._valid(T + skip, t - skip)))
+        return
     if self.stores is None:
         self.stores = {r: HQMQStore(self.quantizer, self.layer_idx, r, x.shape[0], x.shape[1], x.device, self.block) for r in 'kv'}
     enc = 'triton' if self.backend == 'triton' else 'auto'            # CUDA: no value scan, dense outliers → no host sync
@@ -282,10 +295,10 @@ def _write(self:FusedHQMQLayer, x:Tensor, role:str):
 @patch
 def _history(self:FusedHQMQLayer, role:str, dtype) -> Tensor:
     "The whole history of `role` `[B, H, T, D]`: the as-given prefix, the store decoded, each row's sinks exact (prefill, reference)."
-    plain = self.keys if role == 'k' else self.values
-    if not (self.stores and len(self.stores[role])): return plain
+    plain, held = self.keys if role == 'k' else self.values, self.codes or self.stores
+    if not (held and len(held[role])): return plain
     a, b = self.packed_start, min(self.plain_end, self.cumulative_length)
-    h = torch.cat([plain[..., :a, :], self.stores[role].dequantize().to(dtype)], -2)
+    h = torch.cat([plain[..., :a, :], held[role].dequantize().to(dtype)], -2)
     if b <= a: return h
     sink = (torch.arange(a, b, device=h.device) < (self.starts[:, None] + self.sink_tokens))[:, None, :, None]   # [B, 1, b-a, 1]
     return torch.cat([h[..., :a, :], torch.where(sink, plain[..., a:b, :], h[..., a:b, :]), h[..., b:, :]], -2)
@@ -302,7 +315,7 @@ def update(self:FusedHQMQLayer, key_states:Tensor, value_states:Tensor, *args, *
 
 @patch
 def reset(self:FusedHQMQLayer):
-    QuantizedKVLayer.reset(self); self.stores = None
+    QuantizedKVLayer.reset(self); self.stores = self.codes = None
 
 # %% ../nbs/11_fused_decode.ipynb #f8227175
 _MASK_MEMO: list = [None, None, None]   # (mask, T, first): the layers of one decode step share one mask
@@ -345,13 +358,14 @@ def attend(self:FusedHQMQLayer, query:Tensor, # `[B, H_q, 1, d_h]` (post-RoPE), 
            attention_mask:Tensor|None=None, # the step's mask (see `left_padding_starts`)
            scaling:float|None=None # softmax scale (default 1/√d_h)
           ) -> Tensor: # `[B, 1, H_q, d_h]`, the layout attention functions return
-    "One decode step: the fused kernel over the stores, merged (by log-sum-exp) with exact attention over the sinks."
+    "One decode step: the fused kernel over the stores (or attention on the codes), merged by log-sum-exp with exact attention over the sinks."
     if query.shape[2] != 1: raise ValueError(f"`attend` is the decode step: one query token, got {query.shape[2]}")
     q, st = query[:, :, 0], self.stores
     first, sink_end = left_padding_starts(attention_mask, self.cumulative_length), self.starts + self.sink_tokens   # [B] each
     k_first = None if (first is None and not self.sink_tokens) else sink_end if first is None else torch.maximum(first, sink_end)
-    o, lse = decode_attention_sources(q, self.quantizer, st['k'].source(), st['v'].source(), len(st['k']), st['k'].H,
-                                      None if k_first is None else k_first - self.packed_start, scaling, return_lse=True)
+    rel = None if k_first is None else k_first - self.packed_start   # first attended key within the quantized part
+    if self.codes is not None: o, lse = code_attention(q, self.codes['k'], self.codes['v'], scaling, rel)
+    else: o, lse = decode_attention_sources(q, self.quantizer, st['k'].source(), st['v'].source(), len(st['k']), st['k'].H, rel, scaling, return_lse=True)
     if self.keys.shape[-2]:                                            # sinks: exact, in fp32, then one softmax over both parts
         o_s, lse_s = dense_attention(q, self.keys, self.values, scaling, first, last=sink_end)
         o = _merge_lse(o.float(), lse, o_s, lse_s).to(query.dtype)   # the current token is attended: never both −inf
@@ -388,7 +402,7 @@ class FusedHQMQCache(QuantizedKVCache):
                  hq:HQMQ, # the quantizer
                  sink_tokens:int=0, # first positions kept unquantized (attention sinks)
                  fp_layers=(), # layer indices stored unquantized
-                 backend:str='auto', # 'auto' (fused on CUDA), 'triton' (fused everywhere; CPU = interpreter) or 'torch' (reference)
+                 backend:str='auto', # 'auto' (Triton on CUDA, codes on CPU), 'triton' (CPU = interpreter), 'codes' or 'torch' (reference)
                  block:int=32 # tokens per tile of the decode kernel
                 ):
         if not isinstance(hq, HQMQ): raise TypeError(f"`hq` must be an HQMQ quantizer (the fused kernel decodes its layout), got {type(hq).__name__}")

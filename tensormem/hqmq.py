@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch, store_attr
 from .core import check_tensor, check_int
-from .quaternion import qmul, hurwitz_units, best_product
+from .quaternion import qmul, qconj, qmat_right, hurwitz_units, nearest_hurwitz
 from .quant import (ROLES, OUTLIER_MODES, MED3_SUFFIX, check_kv, check_valid, check_positive, check_fraction, fp16_scale, fp16_values,
                              Packed, KVQuantizer, pack_bits, unpack_bits, chunk_norms, outlier_mask, cat_outliers)
 
 # %% auto #0
-__all__ = ['SEARCH_METHODS', 'secondary_codebooks', 'joint_codebook', 'search_directions', 'radius_code', 'radius_decode',
-           'IndexLayout', 'digits_per_word', 'index_layout', 'pack_digits', 'unpack_digits', 'HQMQPacked', 'cat_digits',
-           'HQMQ']
+__all__ = ['SEARCH_METHODS', 'secondary_codebooks', 'joint_codebook', 'rotation_columns', 'search_directions', 'radius_code',
+           'radius_decode', 'IndexLayout', 'digits_per_word', 'index_layout', 'pack_digits', 'unpack_digits',
+           'HQMQPacked', 'cat_digits', 'HQMQ']
 
 # %% ../nbs/03_hqmq.ipynb #150115a9
 def secondary_codebooks(n_layers:int, # number of layers L
@@ -40,13 +40,26 @@ def joint_codebook(sec:torch.Tensor # `[..., S, 4]` secondary unit quaternions
     P = hurwitz_units(sec.dtype, sec.device)
     return qmul(P[:, None], sec[..., None, :, :]).flatten(-3, -2)
 
+# %% ../nbs/03_hqmq.ipynb #3c0d1e02
+def rotation_columns(sec:torch.Tensor # `[G, S, 4]` secondary unit quaternions
+                    ) -> torch.Tensor: # `[G, 4, 4S]`: `u @ W` = the S rotations u ⊗ conj(s), column i·S + s
+    "The S rotations of a direction as one matrix per group, columns grouped by component."
+    G, S = sec.shape[0], sec.shape[1]
+    W = qmat_right(qconj(sec)).transpose(-1, -2).movedim(-3, -2).reshape(G, 4, S, 4)   # columns (s, i)
+    return W.transpose(-1, -2).reshape(G, 4, 4 * S)
+
 # %% ../nbs/03_hqmq.ipynb #b9a619ff
 SEARCH_METHODS = ('rot', 'matmul', 'brute')
 
-def _search_block(u, sec, method):
+def _rot_block(u, W, S):
+    "Joint indices `[G, n]` by the rotation search: all S rotations, the best 2T score, the closed-form nearest unit."
+    rot = (u @ W).unflatten(-1, (4, S)); a = rot.abs()                       # [G, n, 4, S]
+    s = torch.maximum(a.amax(2), 0.5 * a.sum(2)).max(-1).indices             # the s whose rotation lies closest to 2T
+    return nearest_hurwitz(rot.gather(3, s[..., None, None].expand(-1, -1, 4, 1))[..., 0], check=False)[0] * S + s
+
+def _search_block(u, sec, method, W=None):
     "Joint indices `[G, n]` of one block of directions by one search (inputs validated by the caller)."
-    if method == 'rot':
-        p, s, _ = best_product(u, sec, check=False); return p * sec.shape[-2] + s
+    if method == 'rot': return _rot_block(u, W if W is not None else rotation_columns(sec).to(u.dtype), sec.shape[-2])
     J = joint_codebook(sec)                                          # [G, 24S, 4]
     if method == 'matmul': return (u @ J.transpose(-1, -2)).argmax(-1)
     return (u[:, :, None, :] * J[:, None]).sum(-1).argmax(-1)        # brute force, elementwise
@@ -61,8 +74,10 @@ def search_directions(u:torch.Tensor, # `[G, N, 4]` unit directions, one group p
     if method not in SEARCH_METHODS: raise ValueError(f"`method` must be one of {SEARCH_METHODS}, got {method!r}")
     check_tensor(u, 'u', ndim=3, last=4, shape='[G, N, 4]'); check_tensor(sec, 'sec', ndim=3, last=4, shape='[G, S, 4]')
     G, N, S = u.shape[0], u.shape[1], sec.shape[1]
-    nb = max(1, budget // (max(G, 1) * S * {'rot': 8, 'matmul': 24, 'brute': 96}[method]))
-    return torch.cat([_search_block(u[:, i:i+nb], sec, method) for i in range(0, N, nb)], 1) if N else u.new_zeros(G, 0, dtype=torch.long)
+    if not N: return u.new_zeros(G, 0, dtype=torch.long)
+    nb = max(1, (min(budget, 2**19) // (max(G, 1) * S * 4)) if method == 'rot' else budget // (max(G, 1) * S * {'matmul': 24, 'brute': 96}[method]))
+    W = rotation_columns(sec).to(u.dtype) if method == 'rot' else None        # 'rot' tiles stay in cache: [G, nb, 4S] ≤ 2¹⁹ values
+    return torch.cat([_search_block(u[:, i:i+nb], sec, method, W) for i in range(0, N, nb)], 1)
 
 # %% ../nbs/03_hqmq.ipynb #36f24a61
 def radius_code(r:torch.Tensor, # `[..., nc]` chunk norms
@@ -225,18 +240,28 @@ def directions(self:HQMQ, xc:torch.Tensor, r:torch.Tensor, # chunks `[B, H, T, n
     u = (xc / r.clamp_min(1e-30)[..., None]).transpose(0, 1).reshape(H, -1, 4)
     return search_directions(u, self.codebook(layer, role, xc.device)[0], self.encoder).view(H, B, T, nc).transpose(0, 1)
 
+# %% ../nbs/03_hqmq.ipynb #3c0d1e05
+@patch
+def encode(self:HQMQ, x:torch.Tensor, # K or V states `[B, H_kv, T, d_h]`, fp16/bf16/fp32
+           layer:int, role:str, # layer index in [0, n_layers), 'k' or 'v'
+           valid:torch.Tensor|None=None # `[B, T]` bool, False = padding (left out of the Med3× medians)
+          ) -> tuple: # (j `[B, H, T, nc]`, r_q (both 0 at outliers), σ `[B, H, T]` fp16, outlier mask or None, outlier values `[n, 4]` fp16 or None)
+    "The codes of one cache write, unpacked: chunk norms, Med3×, per-token fp16 σ, radius codes, joint direction indices."
+    check_kv(x, layer, role, self.n_layers, self.n_kv_heads, self.head_dim); check_valid(valid, x)
+    xc, r = self.chunks(x); out, sigma = self.scales(r, valid)
+    j, rq, vals = self.directions(xc, r, layer, role), radius_code(r, sigma, self.radius_bits), None
+    if out is not None: j, rq, vals = j.masked_fill(out, 0), rq.masked_fill(out, 0), fp16_values(xc[out], 'outlier chunks')
+    return j, rq, sigma, out, vals
+
 # %% ../nbs/03_hqmq.ipynb #8b475c7c
 @patch
 def quantize(self:HQMQ, x:torch.Tensor, # K or V states `[B, H_kv, T, d_h]`, fp16/bf16/fp32
              layer:int, role:str, # layer index in [0, n_layers), 'k' or 'v'
              valid:torch.Tensor|None=None # `[B, T]` bool, False = padding (left out of the Med3× medians)
             ) -> HQMQPacked:
-    "Encode one cache write: chunk norms, Med3×, per-token fp16 σ, radius codes, joint direction indices; pack."
-    check_kv(x, layer, role, self.n_layers, self.n_kv_heads, self.head_dim); check_valid(valid, x)
-    xc, r = self.chunks(x); out, sigma = self.scales(r, valid)
-    j, rq, flags, vals = self.directions(xc, r, layer, role), radius_code(r, sigma, self.radius_bits), None, None
-    if out is not None: j, rq, flags, vals = j.masked_fill(out, 0), rq.masked_fill(out, 0), pack_bits(out, 1), fp16_values(xc[out], 'outlier chunks')
-    return self.pack(j, rq, sigma, flags, vals, x.shape, x.dtype, layer, role)
+    "Encode one cache write (`encode`) and pack it (`pack`)."
+    j, rq, sigma, out, vals = self.encode(x, layer, role, valid)
+    return self.pack(j, rq, sigma, None if out is None else pack_bits(out, 1), vals, x.shape, x.dtype, layer, role)
 
 # %% ../nbs/03_hqmq.ipynb #74cfaa6b
 @patch

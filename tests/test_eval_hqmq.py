@@ -97,3 +97,44 @@ def test_main_cli(tmp_path, capsys):
     assert main(['--windows', '1', '--length', '2', '--methods', 'fp16,int4,s24r3', '--quiet', '--out', str(out)]) == 0   # the audit's case
     text = capsys.readouterr().out
     assert out.stat().st_size > 1000 and 's24r3' in text and 'within 1% of fp16 at ≤ 5.3 bits: cannot judge' in text   # one predicted-token window
+
+# ---- protocol, HQMQ+ rows and the noise yardstick ----
+from tensormem.eval_hqmq import (chunked_perplexity, interval_table, hqmq_plus_method, hqmq_plus_ablation, kv_relmse,
+                                 noise_methods, relmse_at_gap, noise_plot, STYLES)
+from tensormem.perplexity import perplexity
+
+def test_chunked_equals_prefill_for_lossless_and_window(tiny):
+    w = wins(2, 24); mk = lambda c: QuantizedKVCache(c, CastQuantizer(None))
+    ref = perplexity(tiny, w, mk, batch_size=2, progress=False)
+    for chunk in (1, 5, 24):
+        r = chunked_perplexity(tiny, w, mk, chunk); assert abs(r.nll - ref.nll) < 1e-3 and r.tokens == ref.tokens
+    r = evaluate_method(tiny, w, Method('w', 'fp16', lambda c: CastQuantizer(None), {'recent_tokens': 4, 'recent_dtype': None}, 4))
+    assert abs(sum(r['nll']) - ref.nll) < 1e-3
+
+def test_window_row_counts_window_bytes(tiny):
+    w = wins(1, 24)
+    a = evaluate_method(tiny, w, Method('a', 'x', lambda c: HQMQ(24, 3, 2, 2, 16)))
+    b = evaluate_method(tiny, w, Method('b', 'x', lambda c: HQMQ(24, 3, 2, 2, 16), {'recent_tokens': 8}, 4))
+    assert b['measured'] > a['measured'] + 8 / 24 * (16 - a['measured']) - 0.3    # 8 of 24 tokens in fp16
+    assert b['ppl'] != a['ppl']
+
+def test_hqmq_plus_rows_and_cli_names(tiny):
+    q = hqmq_plus_method(rich_pairs={(0, 'k')}, cheap=(24, 3)).make(tiny.config)
+    assert type(q.plan[(0, 'k')]).__name__ == 'CastQuantizer' and type(q.plan[(1, 'v')]).__name__ == 'RotatedHQMQ'
+    assert all(m.family == 'HQMQ+' for m in hqmq_plus_ablation()) and 'HQMQ+' in STYLES
+    _, ms = parse_options(['--methods', 'fp16,hqmq+,s192r6+rot'])
+    assert [m.name for m in ms] == ['fp16', 'hqmq+', 's192r6+rot']
+    assert 'hqmq+' in [m.name for m in parse_options([])[1]]
+
+def test_interval_table_prints_intervals(tiny):
+    rows = evaluate_model(tiny, wins(3, 24), [Method('fp16', 'fp16', lambda c: CastQuantizer()), hqmq_method(24, 3)], progress=False)
+    t = interval_table(rows); assert '95% CI' in t and t.count(']%') == 1
+
+def test_kv_relmse_and_noise_yardstick(tiny):
+    w = wins(1, 24); nm = noise_methods((1e-3,))[0]
+    assert abs(kv_relmse(tiny, w, nm) - 1e-3) < 3e-4
+    assert kv_relmse(tiny, w, Method('l', 'x', lambda c: CastQuantizer(None))) == 0
+    assert kv_relmse(tiny, w, hqmq_method(24, 3)) > kv_relmse(tiny, w, hqmq_method(192, 6)) > 0
+    rows = [dict(name=f'n{r}', family='noise (yardstick)', relmse=r, gap=g) for r, g in ((1e-4, .002), (1e-3, .02))]
+    assert abs(relmse_at_gap(rows, .01) - 5e-4) < 1e-9       # slope 1 in log-log: gap ×5 at relMSE ×5
+    fig = noise_plot(rows + [dict(name='m', family='HQMQ', relmse=3e-4, gap=.01)]); assert len(fig.axes) == 1

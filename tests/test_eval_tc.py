@@ -6,7 +6,8 @@ from tensormem.lm import TinyLM
 from tensormem.core import UsageError
 from tensormem.eval_tc import (mqar_vocab, mqar_batch, lm_loss, train_lm, mqar_accuracy, recall_vs_pairs, byte_stream,
                                random_crops, position_nll, stratified_nll, decode_scaling, state_bytes_after, gate_report,
-                               memory_off, swap_prefix, main, tc_parser, scaling_table, mqar_table)
+                               memory_off, swap_prefix, main, tc_parser, scaling_table, mqar_table, plant_repeat,
+                               repeat_crops, copy_nll, recall_gain)
 
 
 
@@ -124,6 +125,13 @@ EVAL_CASES = {   # name: (call, exception, message)
     'swap_prefix beyond T': (lambda m: swap_prefix(torch.zeros(2, 5, dtype=torch.long), 6), ValueError, '`n` must be an int in [0, 5]'),
     'zero-length crops': (lambda m: random_crops(torch.arange(10), 2, 0), ValueError, '`length` must be an int ≥ 1'),
     'negative T in state_bytes_after': (lambda m: state_bytes_after(m, -1), ValueError, '`T` must be an int ≥ 0'),
+    'second copy past the end': (lambda m: plant_repeat(torch.zeros(2, 10, dtype=torch.long), 4, 2, 1), ValueError, 'the second copy ends at 11, beyond the sequence length 10'),
+    'control with one sequence': (lambda m: plant_repeat(torch.zeros(1, 10, dtype=torch.long), 2, 1, 0, control=True), ValueError, '`control` needs ≥ 2 sequences'),
+    'zero-length passage': (lambda m: plant_repeat(torch.zeros(2, 10, dtype=torch.long), 0, 1, 0), ValueError, '`n` must be an int ≥ 1'),
+    'float gap': (lambda m: plant_repeat(torch.zeros(2, 10, dtype=torch.long), 2, 1.5, 0), ValueError, '`gap` must be an int ≥ 0, got 1.5'),
+    'max_gap too large for the crop': (lambda m: repeat_crops(torch.arange(100), 2, 20, 5, 11), ValueError, '`max_gap` must be an int in [0, 10]'),
+    'frac outside [0, 1]': (lambda m: repeat_crops(torch.arange(100), 2, 20, 5, 3, frac=-0.1), ValueError, '`frac` must be in [0, 1]'),
+    'NaN frac': (lambda m: repeat_crops(torch.arange(100), 2, 20, 5, 3, frac=float('nan')), ValueError, '`frac` must be in [0, 1]'),
 }
 
 
@@ -189,6 +197,47 @@ def test_evaluations_move_inputs_to_the_model_device(mode):
     m = TinyLM(mqar_vocab(8, 4), 32, 1, 4, mode, window=4).to('meta').eval()
     x, y = mqar_batch(2, 2, 2, n_keys=8, n_values=4)
     with pytest.raises((RuntimeError, NotImplementedError), match='meta'): mqar_accuracy(m, x, y)   # ran on meta, then read a value
+
+
+@settings(max_examples=25, deadline=None)
+@given(N=st.integers(2, 4), n=st.integers(1, 5), gap=st.integers(0, 6), start=st.integers(0, 4), seed=st.integers(0, 2**16))
+def test_plant_repeat_copies_and_control_keeps_the_second_copy(N, n, gap, start, seed):
+    seqs = torch.randint(0, 50, (N, start + 2 * n + gap + 3), generator=torch.Generator().manual_seed(seed)); s2 = start + n + gap
+    rep, ctl = plant_repeat(seqs, n, gap, start), plant_repeat(seqs, n, gap, start, control=True)
+    assert torch.equal(rep[:, s2:s2 + n], seqs[:, start:start + n]) and torch.equal(ctl[:, s2:], rep[:, s2:])
+    assert torch.equal(ctl[:, start:start + n], seqs.roll(1, 0)[:, start:start + n])           # other content, same positions
+    keep = torch.ones(seqs.shape[1], dtype=torch.bool); keep[s2:s2 + n] = False
+    assert torch.equal(rep[:, keep], seqs[:, keep]) and torch.equal(seqs, seqs.clone())           # nothing else moved
+
+
+def test_repeat_crops_plants_one_repeat_per_chosen_crop():
+    s = torch.arange(2000) % 997                                             # no 4-token run recurs within 997 tokens
+    x = repeat_crops(s, 16, 50, 4, 12, frac=1.0, generator=torch.Generator().manual_seed(0))
+    for row in x.tolist():
+        hits = [(i, j) for i in range(47) for j in range(i + 4, min(i + 17, 47)) if row[i:i + 4] == row[j:j + 4]]
+        assert len(hits) == 1, hits
+    assert torch.equal(repeat_crops(s, 5, 50, 4, 12, frac=0.0, generator=torch.Generator().manual_seed(3)),
+                       random_crops(s, 5, 50, torch.Generator().manual_seed(3)))
+    half = repeat_crops(s, 400, 50, 4, 12, frac=0.5, generator=torch.Generator().manual_seed(1))
+    n_rep = sum(any(r[i:i + 4] == r[j:j + 4] for i in range(47) for j in range(i + 4, min(i + 17, 47))) for r in half.tolist())
+    assert 150 < n_rep < 250
+
+
+class _Lookback(torch.nn.Module):
+    "Perfect recall stand-in: predicts that token t + 1 repeats token t + 1 − d."
+    def __init__(self, d, V): super().__init__(); self.d, self.V, self.b = d, V, torch.nn.Parameter(torch.zeros(()))
+    def forward(self, x): return 8. * torch.nn.functional.one_hot(x.roll(self.d - 1, 1), self.V).float() + self.b
+
+
+def test_recall_gain_sees_recall_and_is_zero_beyond_a_windows_reach():
+    sq = torch.randint(0, 16, (16, 30), generator=torch.Generator().manual_seed(0))
+    r = recall_gain(_Lookback(12, 16), sq, 5, 7, 2)
+    assert r['gain'] > 5 and r['second'] < 0.01 and r['first'] > 5                   # recalls the copy, not the text before
+    nll = position_nll(_Lookback(12, 16), plant_repeat(sq, 5, 7, 2))
+    assert r['second'] == copy_nll(nll, 14, 5) and copy_nll(nll, 14, 5) == (nll[14:18].mean() / math.log(2)).item()
+    torch.manual_seed(0); L, W = 2, 4
+    assert recall_gain(TinyLM(16, 32, L, 4, 'window', window=W).eval(), sq, 5, 7, 2)['gain'] == 0.0   # 12 > L(W−1)
+    assert recall_gain(TinyLM(16, 32, L, 4, 'tensor_cache', window=W, gate_init=3.0).eval(), sq, 5, 7, 2)['gain'] != 0.0
 
 
 def re_escape(s): import re; return re.escape(s)

@@ -3,7 +3,7 @@ import pytest, torch
 import torch.nn.functional as F
 pytest.importorskip('transformers')
 from tensormem.eval_tm import (window_mask, run_layers, WindowedLM, influence, prefix_states, position_nll, bucket_nll,
-                               fit_memory, drop_memories, split_windows, memory_experiment, nll_table)
+                               reset_nll, fit_memory, drop_memories, split_windows, memory_experiment, nll_table)
 from tensormem.hf_cache import tiny_llama
 from tensormem.tensor_memory import MemoryBlock
 
@@ -69,6 +69,12 @@ def test_position_nll_and_buckets(lm, ids):
     assert bucket_nll(torch.arange(10.), 2) == {'< W': 0.5, 'W–2W': 2.5, '2W–4W': 5.5, '≥ 4W': 8.5}
     with pytest.raises(ValueError, match='must agree'): position_nll(WindowedLM(lm), ids, ids[:, 1:])
 
+def test_reset_nll_is_the_same_model_without_memory(lm, ids):
+    "Blocks run as their own sequences: relative positions only, so a block-windowed model gives the same NLL."
+    m = WindowedLM(lm, 4, True)
+    torch.testing.assert_close(reset_nll(m, ids[:, :20], ids[:, 1:21], 4), position_nll(m, ids[:, :20], ids[:, 1:21]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match='must divide'): reset_nll(m, ids[:, :-1], ids[:, 1:], 5)
+
 def test_memory_only_training_keeps_pretrained_bits(lm, ids):
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     hs = prefix_states(lm, ids[:, :-1], 1, 8, True)
@@ -92,7 +98,7 @@ def test_memory_experiment_runs(lm):
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     res = memory_experiment(lm, stream, window=4, seq=20, attach=[1, 2], seeds=(0, 1), n_train=8, n_eval=4, steps=2,
                             chunk_size=4, channels=2, grid=4)
-    assert len(res['memory']) == 2 and res['memory'][0].shape == (20,) and res['tokens'] == 2 * 2 * 20
+    assert len(res['memory']) == len(res['reset']) == 2 and res['memory'][0].shape == (20,) and res['tokens'] == 2 * 2 * 20
     assert torch.equal(res['full'][:4], res['window'][:4]) and not torch.allclose(res['full'][4:], res['window'][4:])
     assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
     assert 'memory − window' in nll_table(res, 4)

@@ -123,6 +123,25 @@ def _gen(model, cache, ids, am, n=4):
 
 
 @pytest.mark.parametrize('sinks,fp_layers,mode,pad', [(0, (), None, False), (2, (), 'med_token', True), (3, (1,), 'med', True)])
+def test_generate_on_codes_equals_reference(monkeypatch, sinks, fp_layers, mode, pad):
+    "The CPU path (attention scored on the codes) through `generate()`: every decode step of every quantized layer, same tokens."
+    model = enable_fused_hqmq(tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2))
+    hq = HQMQ(24, 3, 2, 2, 16, outliers=mode)
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(1)); am = torch.ones_like(ids)
+    if pad: am[0, :4] = 0
+    calls, real = [], fused.code_attention
+    monkeypatch.setattr(fused, 'code_attention', lambda *a, **k: calls.append(1) or real(*a, **k))
+    fc = FusedHQMQCache(model.config, hq, sink_tokens=sinks, fp_layers=fp_layers, backend='codes')
+    out_c = _gen(model, fc, ids, am)
+    monkeypatch.undo()
+    out_r = _gen(model, QuantizedKVCache(model.config, hq, sink_tokens=sinks, fp_layers=fp_layers), ids, am)
+    assert len(calls) == (2 - len(fp_layers)) * 3
+    assert torch.equal(out_c.sequences, out_r.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(out_c.scores, out_r.scores)) < 1e-4
+    assert fc.nbytes() > 0
+
+
+@pytest.mark.parametrize('sinks,fp_layers,mode,pad', [(0, (), None, False), (2, (), 'med_token', True), (3, (1,), 'med', True)])
 def test_generate_through_kernel_equals_reference(monkeypatch, sinks, fp_layers, mode, pad):
     model = enable_fused_hqmq(tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2))
     assert model.config._attn_implementation == fused.ATTN_NAME
@@ -145,10 +164,14 @@ def test_backend_choice_and_errors():
     model = enable_fused_hqmq(tiny_llama(hidden=32, layers=1, heads=2, kv_heads=1))
     hq = HQMQ(6, 3, 1, 1, 16)
     ids = torch.randint(1, 64, (1, 5), generator=torch.Generator().manual_seed(2))
-    fc = FusedHQMQCache(model.config, hq)                     # 'auto' on CPU: the reference path, same numbers
+    fc = FusedHQMQCache(model.config, hq, backend='torch')    # the reference path: the same numbers as QuantizedKVCache
     qc = QuantizedKVCache(model.config, hq)
     a, b = _gen(model, fc, ids, None, 3), _gen(model, qc, ids, None, 3)
     assert torch.equal(a.sequences, b.sequences) and all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
+    fa = FusedHQMQCache(model.config, hq)                     # 'auto' on CPU: attention on the codes, equal to float rounding
+    c = _gen(model, fa, ids, None, 3)
+    assert all(l.codes is not None and l.stores is None for l in fa.layers)
+    assert torch.equal(c.sequences, b.sequences) and max((x - y).abs().max().item() for x, y in zip(c.scores, b.scores)) < 1e-4
     with pytest.raises(TypeError, match='HQMQ'): FusedHQMQCache(model.config, object())
     with pytest.raises(ValueError, match='backend'): FusedHQMQCache(model.config, hq, backend='cuda')
     plain = tiny_llama(hidden=32, layers=1, heads=2, kv_heads=1)   # handle reaching SDPA: a clear error, not garbage

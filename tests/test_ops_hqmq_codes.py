@@ -1,62 +1,41 @@
-"HQMQ on the codes (10c_ops_hqmq_codes): fast bit fields, the tiled encoder (same bytes), the code mirror, attention on the codes."
-import math, pytest, torch
+"HQMQ on the codes (10c_ops_hqmq_codes): the encoder's unpacked codes, the code mirror, attention on the codes."
+import pytest, torch
 from hypothesis import given, settings, strategies as st
-from tensormem.quant import synthetic_kv, codes_equal, pack_bits, unpack_bits
-from tensormem.hqmq import HQMQ, search_directions
-from tensormem.ops.hqmq_codes import (unpack_fields, pack_fields, search_tiled, encode, encode_codes, packed_codes, HQMQCodes,
+from tensormem.quant import synthetic_kv
+from tensormem.hqmq import HQMQ
+from tensormem.ops.hqmq_codes import (packed_codes, HQMQCodes,
                                       key_scores, value_mix, code_attention, attend_dense)
-
-
-@settings(max_examples=20, deadline=None)
-@given(width=st.integers(1, 25), n=st.integers(0, 20), lead=st.integers(0, 3), seed=st.integers(0, 2**16))
-def test_fields_equal_bits(width, n, lead, seed):
-    c = torch.randint(0, 2**width, (lead, 2, n), generator=torch.Generator().manual_seed(seed))
-    assert torch.equal(pack_fields(c, width), pack_bits(c, width))
-    assert torch.equal(unpack_fields(pack_bits(c, width), width, n), unpack_bits(pack_bits(c, width), width, n))
-
-
-def test_fields_bad_width():
-    with pytest.raises(ValueError, match='`width` must be an int in'): pack_fields(torch.zeros(3, dtype=torch.long), 0)
-    with pytest.raises(ValueError, match='`width` must be an int in'): unpack_fields(torch.zeros(4, dtype=torch.uint8), 26, 1)
-
-
-@settings(max_examples=6, deadline=None)
-@given(S=st.sampled_from([1, 24, 96, 192]), M=st.integers(0, 700), tile=st.sampled_from([1, 7, 64, 512]), seed=st.integers(0, 99))
-def test_search_tiled_is_rot(S, M, tile, seed):
-    g = torch.Generator().manual_seed(seed)
-    sec = torch.randn(2, S, 4, generator=g); sec = sec / sec.norm(dim=-1, keepdim=True)
-    u = torch.randn(2, M, 4, generator=g); u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    assert torch.equal(search_tiled(u, sec, tile), search_directions(u, sec, 'rot'))
 
 
 @settings(max_examples=10, deadline=None)
 @given(cfg=st.sampled_from([(96, 4, 'med_token'), (96, 4, None), (24, 2, 'med'), (48, 3, 'med_row'), (192, 6, None), (7, 1, 'med_token')]),
        d=st.sampled_from([1, 5, 30, 62, 64]), B=st.integers(1, 2), T=st.integers(0, 40), seed=st.integers(0, 50),
        dtype=st.sampled_from([torch.float16, torch.float32]))
-def test_encode_same_bytes(cfg, d, B, T, seed, dtype):
+def test_encode_is_what_quantize_packs(cfg, d, B, T, seed, dtype):
     S, b, mode = cfg
     hq = HQMQ(S, b, 2, 2, d, outliers=mode, seed=seed)
     x = synthetic_kv(B, 2, T, d, seed=seed).to(dtype)
-    assert codes_equal(encode(hq, x, 1, 'k', tile=32), hq.quantize(x, 1, 'k'))
+    j, rq, sigma, out, vals = hq.encode(x, 1, 'k'); p = hq.quantize(x, 1, 'k')
+    assert all(torch.equal(a, b) for a, b in zip(hq.codes(p), (j, rq))) and torch.equal(p.sigma, sigma)
+    assert torch.equal(packed_codes(hq, p)[0], j) and torch.equal(packed_codes(hq, p)[1], rq)
 
 
 def test_encode_bad_input():
     hq = HQMQ(96, 4, 1, 2, 64)
-    with pytest.raises(ValueError, match="`role` must be 'k' or 'v'"): encode(hq, torch.randn(1, 2, 3, 64), 0, 'q')
-    with pytest.raises(ValueError, match='NaN'): encode(hq, torch.full((1, 2, 3, 64), float('nan')), 0, 'k')
-    with pytest.raises(ValueError, match='`tile` must be an int'): encode(hq, torch.randn(1, 2, 3, 64), 0, 'k', tile=0)
+    with pytest.raises(ValueError, match="`role` must be 'k' or 'v'"): hq.encode(torch.randn(1, 2, 3, 64), 0, 'q')
+    with pytest.raises(ValueError, match='NaN'): hq.encode(torch.full((1, 2, 3, 64), float('nan')), 0, 'k')
 
 
 @settings(max_examples=6, deadline=None)
 @given(cfg=st.sampled_from([(96, 4, 'med_token'), (24, 3, 'med'), (48, 2, None)]), d=st.sampled_from([5, 64]),
        cuts=st.lists(st.integers(1, 12), min_size=1, max_size=4), seed=st.integers(0, 50))
 def test_mirror_from_codes_equals_from_packed(cfg, d, cuts, seed):
-    "Appending `encode_codes` output, or packed writes, gives the same mirror; its `dequantize` is `HQMQ.dequantize`."
+    "Appending `HQMQ.encode` output, or packed writes, gives the same mirror; its `dequantize` is `HQMQ.dequantize`."
     S, b, mode = cfg
     hq = HQMQ(S, b, 1, 2, d, outliers=mode, seed=seed); x = synthetic_kv(2, 2, sum(cuts), d, seed=seed)
     mc, mp, a, ps = HQMQCodes(hq, 0, 'v', 2, 2, capacity=2), HQMQCodes(hq, 0, 'v', 2, 2, capacity=5), 0, []
     for c in cuts:
-        mc.append_codes(*encode_codes(hq, x[:, :, a:a + c], 0, 'v')); ps.append(hq.quantize(x[:, :, a:a + c], 0, 'v')); mp.append(ps[-1]); a += c
+        mc.append_codes(*hq.encode(x[:, :, a:a + c], 0, 'v')); ps.append(hq.quantize(x[:, :, a:a + c], 0, 'v')); mp.append(ps[-1]); a += c
     T, n = mc.T, mc.n_out
     assert (T, n) == (mp.T, mp.n_out)
     for f in ('j', 'rq', 'sigma'): assert torch.equal(getattr(mc, f)[..., :T], getattr(mp, f)[..., :T]), f
@@ -144,6 +123,6 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="role 'k'"): kc.append(hq.quantize(torch.randn(2, 3, 4, 64), 1, 'v'))
     with pytest.raises(ValueError, match='n_kv_heads'): HQMQCodes(hq, 0, 'k', 1, 2)
     with pytest.raises(TypeError, match='HQMQ quantizer'): HQMQCodes(object(), 0, 'k', 1, 3)
-    with pytest.raises(ValueError, match='`j`/`rq` must be'): kc.append_codes(*[t[:, :2] if t is not None and t.ndim > 2 else t for t in encode_codes(hq, torch.randn(2, 3, 4, 64), 1, 'k')])
+    with pytest.raises(ValueError, match='`j`/`rq` must be'): kc.append_codes(*[t[:, :2] if t is not None and t.ndim > 2 else t for t in hq.encode(torch.randn(2, 3, 4, 64), 1, 'k')])
     empty_k, empty_v = HQMQCodes(hq, 0, 'k', 2, 3), HQMQCodes(hq, 0, 'v', 2, 3)
     with pytest.raises(ValueError, match='the cache is empty'): code_attention(q, empty_k, empty_v)

@@ -10,91 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 from ..core import check_tensor, check_int
-from ..quaternion import qmat_right, qconj, nearest_hurwitz
-from ..quant import check_kv, check_valid, pack_bits, unpack_bits, fp16_values
-from ..hqmq import HQMQ, HQMQPacked, radius_code, unpack_digits
+from ..quant import unpack_bits
+from ..hqmq import HQMQ, HQMQPacked, unpack_digits
 
 # %% auto #0
-__all__ = ['unpack_fields', 'pack_fields', 'rotation_columns', 'search_tiled', 'encode_codes', 'encode', 'packed_codes',
-           'HQMQCodes', 'key_scores', 'value_mix', 'attend_dense', 'code_attention']
-
-# %% ../../nbs/10c_ops_hqmq_codes.ipynb #3542dc4a
-def _field_bytes(n, width, device):
-    "Bit offset of each of n fields, and the 4 byte positions from its first byte on."
-    off = torch.arange(n, device=device) * width
-    return off, (off >> 3)[:, None] + torch.arange(4, device=device)
-
-def unpack_fields(packed:Tensor, # `[..., nbytes]` uint8 from `pack_bits`
-                  width:int, n:int # bits per field (1..25) and number of fields
-                 ) -> Tensor: # `[..., n]` int64, equal to `unpack_bits(packed, width, n)`
-    "`unpack_bits` by reading each field's 4 bytes and shifting (no per-bit tensor)."
-    check_int(width, 'width', 1, 25); check_int(n, 'n', 0)
-    off, at = _field_bytes(n, width, packed.device)
-    b = F.pad(packed, (0, 3)).long()[..., at]                                 # [..., n, 4]
-    return ((b << (8 * torch.arange(4, device=packed.device))).sum(-1) >> (off & 7)) & ((1 << width) - 1)
-
-# %% ../../nbs/10c_ops_hqmq_codes.ipynb #5b47a53c
-def pack_fields(codes:Tensor, # `[..., n]` non-negative integer codes < 2**width
-                width:int # bits per code (1..25)
-               ) -> Tensor: # `[..., ceil(n*width/8)]` uint8, equal to `pack_bits(codes, width)`
-    "`pack_bits` as one small product: each code's 4 byte parts summed into their bytes (disjoint bits: exact)."
-    check_int(width, 'width', 1, 25)
-    n, dv = codes.shape[-1], codes.device; nb = -(-n * width // 8)
-    off, at = _field_bytes(n, width, dv)
-    parts = ((codes.long() << (off & 7))[..., None] >> (8 * torch.arange(4, device=dv))) & 255   # [..., n, 4]
-    return (parts.flatten(-2).float() @ F.one_hot(at.flatten(), nb + 3).float())[..., :nb].to(torch.uint8)
-
-# %% ../../nbs/10c_ops_hqmq_codes.ipynb #24602b5a
-def rotation_columns(sec:Tensor # `[H, S, 4]` secondary units
-                    ) -> Tensor: # `[H, 4, 4S]`: u @ W = the S rotations u ⊗ conj(s), column i·S + s
-    "The S rotations as one matrix per head, columns grouped by component (the same dot products as `best_product`)."
-    check_tensor(sec, 'sec', ndim=3, last=4, shape='[H, S, 4]')
-    H, S = sec.shape[0], sec.shape[1]
-    W = qmat_right(qconj(sec)).transpose(-1, -2).movedim(-3, -2).reshape(H, 4, S, 4)   # columns (s, i)
-    return W.transpose(-1, -2).reshape(H, 4, 4 * S)
-
-# %% ../../nbs/10c_ops_hqmq_codes.ipynb #574e5085
-def search_tiled(u:Tensor, # `[H, M, 4]` unit directions, one group per KV head
-                 sec:Tensor, # `[H, S, 4]` the group's secondary codebook
-                 tile:int=512 # directions per head per tile: the `[H, tile, 4, S]` rotations stay in cache
-                ) -> Tensor: # `[H, M]` long joint indices j = p·S + s, equal to `search_directions(u, sec, 'rot')`
-    "The rotation search tile by tile: rotate, 2T score, argmax over s, closed-form p; no intermediate of size M·S."
-    check_tensor(u, 'u', ndim=3, last=4, shape='[H, M, 4]'); check_int(tile, 'tile', 1)
-    H, M, S = u.shape[0], u.shape[1], sec.shape[1]
-    W, j = rotation_columns(sec).to(u.dtype), torch.empty(H, M, dtype=torch.long, device=u.device)
-    for i in range(0, M, tile):
-        rot = (u[:, i:i + tile] @ W).view(H, -1, 4, S); a = rot.abs()
-        si = torch.maximum(a.amax(2), 0.5 * a.sum(2)).max(-1).indices
-        j[:, i:i + tile] = nearest_hurwitz(rot.gather(3, si[:, :, None, None].expand(-1, -1, 4, 1))[..., 0], check=False)[0] * S + si
-    return j
-
-# %% ../../nbs/10c_ops_hqmq_codes.ipynb #4a57dc1d
-def encode_codes(hq:HQMQ, # the quantizer (codebooks, layout, Med3× settings)
-                 x:Tensor, # K or V states `[B, H_kv, T, d_h]`, fp16/bf16/fp32
-                 layer:int, role:str, # layer index and 'k'/'v'
-                 valid:Tensor|None=None, # `[B, T]` bool, False = padding (left out of the Med3× medians)
-                 tile:int=512 # directions per head per tile of the search
-                ) -> tuple: # (j, r_q `[B, H, T, nc]` int64 (0 at outliers), σ `[B, H, T]` fp16, outlier mask or None, outlier values `[n, 4]` fp16 or None)
-    "The codes `HQMQ.quantize` packs, computed with the tiled direction search and left unpacked."
-    check_kv(x, layer, role, hq.n_layers, hq.n_kv_heads, hq.head_dim); check_valid(valid, x); check_int(tile, 'tile', 1)
-    B, H, T, nc = *x.shape[:3], hq.nc
-    xc, r = hq.chunks(x); out, sigma = hq.scales(r, valid)
-    u = (xc / r.clamp_min(1e-30)[..., None]).transpose(0, 1).reshape(H, -1, 4)
-    j = search_tiled(u, hq.codebook(layer, role, x.device)[0], tile).view(H, B, T, nc).transpose(0, 1)
-    rq, vals = radius_code(r, sigma, hq.radius_bits), None
-    if out is not None: j, rq, vals = j.masked_fill(out, 0), rq.masked_fill(out, 0), fp16_values(xc[out], 'outlier chunks')
-    return j, rq, sigma, out, vals
-
-def encode(hq:HQMQ, x:Tensor, layer:int, role:str, valid:Tensor|None=None, tile:int=512) -> HQMQPacked:
-    "`HQMQ.quantize` with the tiled direction search: byte-identical packed output, faster."
-    j, rq, sigma, out, vals = encode_codes(hq, x, layer, role, valid, tile)
-    return hq.pack(j, rq, sigma, None if out is None else pack_bits(out, 1), vals, x.shape, x.dtype, layer, role)
+__all__ = ['packed_codes', 'HQMQCodes', 'key_scores', 'value_mix', 'attend_dense', 'code_attention']
 
 # %% ../../nbs/10c_ops_hqmq_codes.ipynb #f17f81f6
 def packed_codes(hq:HQMQ, p:HQMQPacked # a packed write made by `hq`
                 ) -> tuple[Tensor, Tensor]: # (joint index j, radius code r_q), each `[B, H, T, nc]` int64
-    "`hq.codes(p)` with the fast bit-field reader."
-    L, f = hq.layout, unpack_fields(p.plain, hq.width, hq.nc)
+    "`hq.codes(p)`: the joint index and radius code of every chunk."
+    L, f = hq.layout, unpack_bits(p.plain, hq.width, hq.nc)
     j = f & ((1 << L.m) - 1)
     if p.digits is not None: j = j + (unpack_digits(p.digits, L.q, p.shape[2]) << L.m)
     return j, f >> L.m
@@ -135,7 +61,7 @@ def append_codes(self:HQMQCodes, j:Tensor, rq:Tensor, # `[B, H, n, nc]` joint in
                  sigma:Tensor, # `[B, H, n]` fp16 per-token scales
                  out:Tensor|None=None, vals:Tensor|None=None # `[B, H, n, nc]` outlier mask and the `[n_out, 4]` values in its row-major order
                 ) -> HQMQCodes:
-    "Append the codes of n new tokens (what `encode_codes` returns) at the end."
+    "Append the codes of n new tokens (what `HQMQ.encode` returns) at the end."
     if j.ndim != 4 or tuple(j.shape[:2]) != (self.B, self.H) or j.shape[3] != self.hq.nc or rq.shape != j.shape or sigma.shape != j.shape[:3]:
         raise ValueError(f"`j`/`rq` must be [{self.B}, {self.H}, n, {self.hq.nc}] and `sigma` [{self.B}, {self.H}, n], got {tuple(j.shape)}, {tuple(rq.shape)}, {tuple(sigma.shape)}")
     T, n, BH, nc = self.T, j.shape[2], self.B * self.H, self.hq.nc
