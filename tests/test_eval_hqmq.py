@@ -119,8 +119,9 @@ def test_window_row_counts_window_bytes(tiny):
     assert b['ppl'] != a['ppl']
 
 def test_hqmq_plus_rows_and_cli_names(tiny):
-    q = hqmq_plus_method(rich_pairs={(0, 'k')}, cheap=(24, 3)).make(tiny.config)
+    q = hqmq_plus_method(rich_pairs={(0, 'k')}, k=(24, 3), v=(24, 2)).make(tiny.config)
     assert type(q.plan[(0, 'k')]).__name__ == 'CastQuantizer' and type(q.plan[(1, 'v')]).__name__ == 'RotatedHQMQ'
+    assert (q.plan[(1, 'k')].inner.S, q.plan[(1, 'v')].inner.radius_bits) == (24, 2)
     assert all(m.family == 'HQMQ+' for m in hqmq_plus_ablation()) and 'HQMQ+' in STYLES
     _, ms = parse_options(['--methods', 'fp16,hqmq+,s192r6+rot'])
     assert [m.name for m in ms] == ['fp16', 'hqmq+', 's192r6+rot']
