@@ -272,23 +272,16 @@ def _valid(self:FusedHQMQLayer, t0:int, t:int) -> Tensor|None:
 
 # %% ../nbs/11_fused_decode.ipynb #252ffba0
 @patch
-def _write(self:FusedHQMQLayer, x:Tensor, role:str):
-    "Store one write at positions [T, T + t): the part before `plain_end` as given, the part from `packed_start` into the store."
-    T, t = self.cumulative_length, x.shape[-2]
-    n_plain, skip = max(0, min(t, self.plain_end - T)), max(0, min(t, self.packed_start - T))
-    if n_plain:
-        plain = torch.cat([self.keys if role == 'k' else self.values, x[..., :n_plain, :]], -2)
-        if role == 'k': self.keys = plain
-        else: self.values = plain
-    if skip == t: return
+def _pack(self:FusedHQMQLayer, x:Tensor, role:str, t0:int):
+    "Store positions [t0, t0 + t) of `role` (the `QuantizedKVLayer._write` hook): codes in the mirror on CPU, else into the packed store."
     if self._mode(x) == 'codes':                                       # CPU: keep the codes unpacked, score on them
         if self.codes is None: self.codes = {r: HQMQCodes(self.quantizer, self.layer_idx, r, x.shape[0], x.shape[1], x.device) for r in 'kv'}
-        self.codes[role].append_codes(*self.quantizer.encode(x[..., skip:, :], self.layer_idx, role, self._valid(T + skip, t - skip)))
+        self.codes[role].append_codes(*self.quantizer.encode(x, self.layer_idx, role, self._valid(t0, x.shape[-2])))
         return
     if self.stores is None:
         self.stores = {r: HQMQStore(self.quantizer, self.layer_idx, r, x.shape[0], x.shape[1], x.device, self.block) for r in 'kv'}
     enc = 'triton' if self.backend == 'triton' else 'auto'            # CUDA: no value scan, dense outliers → no host sync
-    self.stores[role].append(hqmq_encode(self.quantizer, x[..., skip:, :].contiguous(), self.layer_idx, role, self._valid(T + skip, t - skip),
+    self.stores[role].append(hqmq_encode(self.quantizer, x.contiguous(), self.layer_idx, role, self._valid(t0, x.shape[-2]),
                                          backend=enc, check_values=not x.is_cuda, dense_outliers=True))
 
 # %% ../nbs/11_fused_decode.ipynb #e750be57
