@@ -8,6 +8,8 @@ import math
 import torch
 from torch import Tensor
 from fastcore.basics import patch
+from .core import require
+require('transformers', 'hf')   # a missing extra: an ImportError naming `pip install "tensormem[hf]"`
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
