@@ -2,8 +2,10 @@
 formatting and target logic on a hand-made record."""
 import os
 import torch
+import pytest
 if not torch.cuda.is_available(): os.environ.setdefault('TRITON_INTERPRET', '1')   # before anything imports triton
-from tensormem.ops.triton_utils import HAS_CUDA
+from tensormem.ops.triton_utils import HAS_CUDA, HAS_TRITON
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason='needs the gpu extra: pip install "tensormem[gpu]"')
 
 
 def test_gpu_bench_refuses_without_gpu_and_smoke_runs(capsys, tmp_path):

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 from tensormem.ops.dla import (dla_naive, decayed_linear_attention, l2_read, sliding_window_attention, tensor_cache_heads,
                                tensor_cache_forward)
-from tensormem.ops.triton_utils import INTERPRET, HAS_CUDA
+from tensormem.ops.triton_utils import INTERPRET, HAS_CUDA, HAS_TRITON
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason='needs the gpu extra: pip install "tensormem[gpu]"')
 from tensormem.tensor_cache import evicted_read, window_attention, TensorCacheAttention
 
 

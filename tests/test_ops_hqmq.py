@@ -9,7 +9,8 @@ if not torch.cuda.is_available(): os.environ.setdefault('TRITON_INTERPRET', '1')
 import dataclasses, subprocess, sys
 import pytest
 from tensormem.ops.hqmq import hqmq_encode, hqmq_decode_attention, dequant_sdpa, outlier_tile_offsets, decode_bytes, fp16_kv_bytes
-from tensormem.ops.triton_utils import HAS_CUDA
+from tensormem.ops.triton_utils import HAS_CUDA, HAS_TRITON
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason='needs the gpu extra: pip install "tensormem[gpu]"')
 from tensormem.hqmq import HQMQ
 from tensormem.quant import synthetic_kv, codes_equal, pack_bits
 

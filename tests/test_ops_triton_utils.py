@@ -4,9 +4,10 @@ import os
 import torch
 if not torch.cuda.is_available(): os.environ.setdefault('TRITON_INTERPRET', '1')   # before anything imports triton
 import pytest
-from tensormem.ops.triton_utils import INTERPRET, HAS_CUDA, _p2, _alloc, _backend, compile_report
+from tensormem.ops.triton_utils import INTERPRET, HAS_CUDA, HAS_TRITON, _p2, _alloc, _backend, compile_report
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason='needs the gpu extra: pip install "tensormem[gpu]"')
 def test_interpreter_on_cpu():
     assert HAS_CUDA or INTERPRET, "without a GPU the kernels must be built for Triton's interpreter"
 

@@ -65,7 +65,7 @@ def _const(vals:tuple, device, dtype=torch.int64) -> Tensor:
 # %% ../../nbs/10_triton_utils.ipynb #d8098b06
 def _need_triton():
     "Raise a clear error unless the Triton kernels can run here (a GPU, or the interpreter on CPU)."
-    if not HAS_TRITON: raise RuntimeError("the Triton kernels need `triton` (pip install triton); use backend='torch'")
+    if not HAS_TRITON: raise RuntimeError('the Triton kernels need `triton`: pip install "tensormem[gpu]" (or use backend=\'torch\')')
     if not (HAS_CUDA or INTERPRET): raise RuntimeError("no GPU and TRITON_INTERPRET=0: the kernels cannot run here; use backend='torch'")
 
 def _backend(backend:str, x:Tensor, other:str='torch') -> str:
@@ -117,7 +117,7 @@ def compile_report(module:str, # an ops module with `kernel_specs()`, e.g. 'tens
                   ) -> list[dict]: # one row per kernel configuration (see `kernel_resources`)
     "Compile every kernel `module` lists to a cubin for `arch` without a GPU; registers, spills and shared memory."
     import importlib, json, subprocess
-    if not HAS_TRITON: raise RuntimeError("compile_report needs `triton` (pip install triton)")
+    if not HAS_TRITON: raise RuntimeError('compile_report needs `triton`: pip install "tensormem[gpu]"')
     if INTERPRET:                                  # kernels here are interpreted: compile in a fresh process
         code = f"import json; from tensormem.ops.triton_utils import compile_report; print(json.dumps(compile_report({module!r}, {int(arch)})))"
         env = dict(os.environ, TRITON_INTERPRET='0', TRITON_DEFAULT_FP_FUSION='1')
