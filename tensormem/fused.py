@@ -19,7 +19,7 @@ from .hqmq import HQMQ, HQMQPacked, unpack_digits
 from .ops.triton_utils import HAS_TRITON
 from .ops.hqmq import DecodeSource, decode_attention_sources, hqmq_encode
 from .ops.hqmq_codes import HQMQCodes, code_attention
-from .hf_cache import QuantizedKVCache, QuantizedKVLayer
+from .hf_cache import QuantizedKVCache, QuantizedKVLayer, packed_select, packed_head
 
 # %% auto #0
 __all__ = ['ATTN_NAME', 'BACKENDS', 'HQMQStore', 'FusedKV', 'FusedHQMQLayer', 'left_padding_starts', 'dense_attention',
@@ -389,6 +389,59 @@ def enable_fused_hqmq(model): # a transformers model
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
     model.set_attn_implementation(ATTN_NAME)
     return model
+
+# %% ../nbs/11_fused_decode.ipynb #be0a0002
+def _store_rows(st:HQMQStore, idx:Tensor) -> HQMQStore:
+    "The store of rows `idx` (repeats allowed), rebuilt from its packed rows."
+    new = HQMQStore(st.hq, st.layer, st.role, len(idx), st.H, st.device, st.block)
+    return new.append(packed_select(st.packed(), idx)) or new
+
+def _store_head(st:HQMQStore, n:int) -> HQMQStore:
+    "The store of its first `n` tokens, rebuilt from its packed tokens."
+    new = HQMQStore(st.hq, st.layer, st.role, st.B, st.H, st.device, st.block)
+    return (new.append(packed_head(st.packed(), n)) or new) if n else new
+
+# %% ../nbs/11_fused_decode.ipynb #be0a0003
+def _codes_rows(c:HQMQCodes, idx:Tensor) -> HQMQCodes:
+    "The mirror of rows `idx` (repeats allowed): codes indexed, outliers of each kept row copied in row-major order."
+    H, T, n = c.H, c.T, c.n_out
+    new = HQMQCodes(c.hq, c.layer, c.role, len(idx), H, c.device, capacity=max(T, 1)); new.T = T
+    rows = (idx[:, None] * H + torch.arange(H, device=idx.device)).flatten()       # old (b, h) row of each new one
+    new.j[:, :, :T], new.rq[:, :, :T], new.sigma[:, :T] = c.j[rows, :, :T], c.rq[rows, :, :T], c.sigma[rows, :T]
+    nb, k = (c.orow[:n][None] // H == idx[:, None]).nonzero().unbind(1)          # sorted by new row, then old order
+    new.orow, new.ot, new.oc, new.oval, new.n_out = nb * H + c.orow[k] % H, c.ot[k], c.oc[k], c.oval[k], len(k)
+    return new
+
+def _codes_head(c:HQMQCodes, n:int) -> HQMQCodes:
+    "The mirror of its first `n` tokens (outliers of later tokens dropped; the order is kept)."
+    new = _codes_rows(c, torch.arange(c.B, device=c.device)); keep = new.ot[:new.n_out] < n
+    new.T, new.orow, new.ot, new.oc, new.oval = n, new.orow[keep], new.ot[keep], new.oc[keep], new.oval[keep]
+    new.n_out = int(keep.sum()); return new
+
+# %% ../nbs/11_fused_decode.ipynb #be0a0004
+@patch
+def _held_plan(self:FusedHQMQLayer, base, select, name:str):
+    "Combine the base layer's plan (prefix, starts, length) with `select` applied to the stores or mirrors under `name`."
+    held = getattr(self, name)
+    new = None if held is None else {r: select(h) for r, h in held.items()}     # may refuse: nothing changed yet
+    def apply(): base(); setattr(self, name, new)
+    return apply
+
+@patch
+def _index_plan(self:FusedHQMQLayer, idx:Tensor):
+    "Rows `idx` of everything stored (beam search): the base layer's prefix and starts, the stores or mirrors row by row."
+    if not self.is_initialized: return lambda: None
+    idx = torch.as_tensor(idx).to(self.device); base = QuantizedKVLayer._index_plan(self, idx)
+    if self.codes is not None: return self._held_plan(base, lambda c: _codes_rows(c, idx), 'codes')
+    return self._held_plan(base, lambda s: _store_rows(s, idx), 'stores')
+
+@patch
+def _crop_plan(self:FusedHQMQLayer, tokens_to_remove:int):
+    "`crop(tokens_to_remove)` (≤ 0): the base layer's checks and prefix, the stores or mirrors cut to the tokens kept."
+    base = QuantizedKVLayer._crop_plan(self, tokens_to_remove)
+    keep = max(0, self.cumulative_length + tokens_to_remove - self.packed_start)   # quantized positions kept
+    if self.codes is not None: return self._held_plan(base, lambda c: _codes_head(c, min(keep, c.T)), 'codes')
+    return self._held_plan(base, lambda s: _store_head(s, min(keep, s.T)), 'stores')
 
 # %% ../nbs/11_fused_decode.ipynb #8f6b5458
 class FusedHQMQCache(QuantizedKVCache):

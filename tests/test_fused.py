@@ -2,6 +2,7 @@
 import ast, math, subprocess, sys, pytest, torch
 from hypothesis import given, settings, strategies as st
 pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
+pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
 from tensormem.hf_cache import tiny_llama
 from tensormem.hqmq import HQMQ, HQMQPacked
 from tensormem.quant import synthetic_kv, codes_equal, unpack_bits
@@ -215,3 +216,30 @@ def test_dense_attention_output_lse_and_masked_rows():
     torch.testing.assert_close(o[0], torch.einsum('ht,htd->hd', s[0].softmax(-1), v[0].repeat_interleave(2, 0)))
     torch.testing.assert_close(lse[0], s[0].logsumexp(-1))
     assert torch.equal(o[1], torch.zeros_like(o[1])) and bool((lse[1] == float('-inf')).all())   # every key masked
+
+
+@pytest.mark.parametrize('backend', ['codes', 'torch'])
+@pytest.mark.parametrize('sinks,pad', [(0, False), (2, True)])
+def test_beam_search_and_prompt_lookup_equal_reference(backend, sinks, pad):
+    "Beam search (rows reordered and repeated) and prompt-lookup decoding (crop) give QuantizedKVCache's tokens: bytes moved, not re-quantized."
+    model = enable_fused_hqmq(tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2))
+    hq = HQMQ(24, 3, 2, 2, 16, outliers='med_token')
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(3)); am = torch.ones_like(ids)
+    if pad: am[0, :3] = 0
+    for kw in (dict(num_beams=3), dict(num_beams=2, num_return_sequences=2), dict(prompt_lookup_num_tokens=2)):
+        gen = lambda c: model.generate(ids[:1] if 'prompt_lookup_num_tokens' in kw else ids, attention_mask=None if 'prompt_lookup_num_tokens' in kw else am,
+                                       cache=c, max_new_tokens=6, do_sample=False, pad_token_id=0, **kw)
+        ref = gen(QuantizedKVCache(model.config, hq, sink_tokens=sinks))
+        assert torch.equal(gen(FusedHQMQCache(model.config, hq, sink_tokens=sinks, backend=backend)), ref), kw
+
+
+def test_select_rows_moves_bytes():
+    "Selecting rows of the store or the mirror equals the selected rows' own codes."
+    from tensormem.fused import _store_rows, _codes_rows, _codes_head
+    from tensormem.ops.hqmq_codes import HQMQCodes
+    hq = HQMQ(24, 3, 1, 2, 16, outliers='med_token'); x = synthetic_kv(3, 2, 21, 16, seed=9); idx = torch.tensor([2, 0, 2])
+    st = HQMQStore(hq, 0, 'k', 3, 2); st.append(hq.quantize(x, 0, 'k'))
+    assert codes_equal(_store_rows(st, idx).packed(), hq.quantize(x[idx], 0, 'k'))
+    mc = HQMQCodes(hq, 0, 'k', 3, 2).append(hq.quantize(x, 0, 'k'))
+    assert torch.equal(_codes_rows(mc, idx).dequantize(), hq.dequantize(hq.quantize(x[idx], 0, 'k')))
+    assert torch.equal(_codes_head(mc, 11).dequantize(), hq.dequantize(hq.quantize(x[:, :, :11], 0, 'k')))
