@@ -18,7 +18,7 @@ from .quant import FAMILY_STYLE, MED3_SUFFIX
 from .hqmq_plus import RotatedHQMQ, LayerwiseQuantizer, NoiseQuantizer
 
 # %% auto #0
-__all__ = ['HQMQ_PLUS_K', 'HQMQ_PLUS_V', 'HQMQ_PLUS_RICH', 'STYLES', 'Method', 'geometry', 'hqmq_method', 'paper_methods',
+__all__ = ['HQMQ_PLUS_K', 'HQMQ_PLUS_V', 'HQMQ_PLUS_RICH', 'Method', 'geometry', 'hqmq_method', 'paper_methods',
            'hqmq_plus_method', 'hqmq_plus_ablation', 'outlier_fraction', 'claimed_bits', 'chunked_perplexity',
            'evaluate_method', 'evaluate_model', 'format_table', 'gap_interval', 'interval_table', 'target_verdict',
            'dominated_by', 'target_report', 'pareto_plot', 'kv_relmse', 'noise_methods', 'relmse_at_gap', 'noise_plot',
@@ -218,7 +218,8 @@ def target_report(rows:list[dict], # rows from `evaluate_model` (with an fp16 ro
     return '\n'.join(lines)
 
 # %% ../nbs/09_hqmq_eval.ipynb #178d75be
-STYLES = {**FAMILY_STYLE, 'HQMQ+': ('tab:cyan', '*'), 'noise (yardstick)': ('lightgray', '.')}   # family -> (colour, marker) on the plots
+#| export
+
 
 # %% ../nbs/09_hqmq_eval.ipynb #2d67a591
 def pareto_plot(rows:list[dict], # rows from `evaluate_model`
@@ -228,7 +229,7 @@ def pareto_plot(rows:list[dict], # rows from `evaluate_model`
     if ax is None: fig, ax = plt.subplots(figsize=(7, 4.2))
     else: fig = ax.figure
     ref = next((r['ppl'] for r in rows if r['name'] == 'fp16'), None)
-    for fam, (col, mk) in STYLES.items():
+    for fam, (col, mk) in FAMILY_STYLE.items():
         rs = [r for r in rows if r['family'] == fam and r['name'] != 'fp16']
         if rs: ax.scatter([r['measured'] for r in rs], [r['ppl'] for r in rs], c=col, marker=mk, label=fam, zorder=3)
         for r in rs: ax.annotate(r['name'], (r['measured'], r['ppl']), fontsize=7, xytext=(3, 3), textcoords='offset points')
@@ -272,7 +273,7 @@ def noise_plot(rows:list[dict], # rows with `relmse` and `gap`: methods and `noi
     fig, ax = plt.subplots(figsize=(7, 4.2)) if ax is None else (ax.figure, ax)
     nz = sorted((r for r in rows if r['family'] == 'noise (yardstick)'), key=lambda r: r['relmse'])
     ax.plot([r['relmse'] for r in nz], [100 * r['gap'] for r in nz], '-o', color='gray', ms=3, label='Gaussian noise (yardstick)')
-    for fam, (col, mk) in STYLES.items():
+    for fam, (col, mk) in FAMILY_STYLE.items():
         rs = [r for r in rows if r['family'] == fam and fam not in ('fp16', 'noise (yardstick)')]
         if rs: ax.scatter([r['relmse'] for r in rs], [100 * r['gap'] for r in rs], c=col, marker=mk, label=fam, zorder=3)
         for r in rs: ax.annotate(r['name'], (r['relmse'], 100 * r['gap']), fontsize=7, xytext=(3, 3), textcoords='offset points')

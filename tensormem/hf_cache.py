@@ -11,7 +11,7 @@ from pathlib import Path
 from unittest import mock
 import torch
 from fastcore.basics import patch
-from .core import check_tensor, check_int, default_device
+from .core import check_tensor, check_int, default_device, require
 from .quant import Packed, unpack_bits
 from .hqmq import HQMQPacked, index_layout, pack_digits, unpack_digits
 from .baselines import KIVIPacked
@@ -205,6 +205,7 @@ def packed_head(p, # a packed write `[B, H, T, d]`
     return dataclasses.replace(p, shape=(B, H, n, d), **new)
 
 # %% ../nbs/04_hf_cache.ipynb #f91000ea
+require('transformers', 'hf')   # a missing extra: an ImportError naming `pip install "tensormem[hf]"`
 from transformers.cache_utils import Cache, DynamicLayer
 
 class QuantizedKVLayer(DynamicLayer):
@@ -348,9 +349,10 @@ def reset(self:QuantizedKVLayer):
 # %% ../nbs/04_hf_cache.ipynb #bf2e6441
 @patch
 def _own_storage(self:QuantizedKVLayer, what:str):
-    "Refuse `what` for a subclass that stores K/V its own way (overrides `_write`) but not `what`."
+    "Refuse `what` for a subclass that stores K/V its own way (overrides `_write` or `_pack`) but not `what`."
     cls = type(self)
-    if cls._write is not QuantizedKVLayer._write and getattr(cls, what) is getattr(QuantizedKVLayer, what):
+    own = cls._write is not QuantizedKVLayer._write or cls._pack is not QuantizedKVLayer._pack   # stores K/V its own way
+    if own and getattr(cls, what) is getattr(QuantizedKVLayer, what):
         raise NotImplementedError(f"{cls.__name__} stores K/V outside `packed`: it must override `{what}`")
 
 @patch
@@ -423,7 +425,8 @@ def crop(self:QuantizedKVLayer, tokens_to_remove:int):
 def is_croppable(self:QuantizedKVLayer) -> bool:
     "transformers asks before assisted decoding: True unless a subclass stores K/V its own way without its own `_crop_plan`."
     cls = type(self)
-    return cls._write is QuantizedKVLayer._write or cls._crop_plan is not QuantizedKVLayer._crop_plan
+    own = cls._write is not QuantizedKVLayer._write or cls._pack is not QuantizedKVLayer._pack
+    return not own or cls._crop_plan is not QuantizedKVLayer._crop_plan
 
 # %% ../nbs/04_hf_cache.ipynb #5d7e4ec5
 class QuantizedKVCache(Cache):

@@ -100,7 +100,7 @@ def test_main_cli(tmp_path, capsys):
 
 # ---- protocol, HQMQ+ rows and the noise yardstick ----
 from tensormem.eval_hqmq import (chunked_perplexity, interval_table, hqmq_plus_method, hqmq_plus_ablation, kv_relmse,
-                                 noise_methods, relmse_at_gap, noise_plot, STYLES)
+                                 noise_methods, relmse_at_gap, noise_plot, FAMILY_STYLE)
 from tensormem.perplexity import perplexity
 
 def test_chunked_equals_prefill_for_lossless_and_window(tiny):
@@ -122,7 +122,7 @@ def test_hqmq_plus_rows_and_cli_names(tiny):
     q = hqmq_plus_method(rich_pairs={(0, 'k')}, k=(24, 3), v=(24, 2)).make(tiny.config)
     assert type(q.plan[(0, 'k')]).__name__ == 'CastQuantizer' and type(q.plan[(1, 'v')]).__name__ == 'RotatedHQMQ'
     assert (q.plan[(1, 'k')].inner.S, q.plan[(1, 'v')].inner.radius_bits) == (24, 2)
-    assert all(m.family == 'HQMQ+' for m in hqmq_plus_ablation()) and 'HQMQ+' in STYLES
+    assert all(m.family == 'HQMQ+' for m in hqmq_plus_ablation()) and 'HQMQ+' in FAMILY_STYLE
     _, ms = parse_options(['--methods', 'fp16,hqmq+,s192r6+rot'])
     assert [m.name for m in ms] == ['fp16', 'hqmq+', 's192r6+rot']
     assert 'hqmq+' in [m.name for m in parse_options([])[1]]

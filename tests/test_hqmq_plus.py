@@ -1,4 +1,5 @@
 import dataclasses, pytest, torch
+pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
 from tensormem.hqmq import HQMQ, HQMQPacked
 from tensormem.hqmq_plus import RotatedHQMQ, LayerwiseQuantizer, NoiseQuantizer, allocate
 from tensormem.baselines import random_rotation
