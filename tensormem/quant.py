@@ -155,7 +155,7 @@ def check_packed(self:KVQuantizer, p:Packed, cls:type) -> Packed:
 FAMILY_STYLE = {'fp16': ('black', 's'), 'naive int': ('tab:gray', 'o'), 'naive int+Med3×': ('tab:brown', 'v'),
                 'HQMQ': ('tab:blue', 'D'), 'HQMQ+Med3×': ('tab:purple', 'P'), 'HQMQ+Med3×(row)': ('tab:pink', 'p'),
                 'HQMQ+Med3×(token)': ('tab:red', 'h'), 'KIVI-style': ('tab:green', '^'), 'TurboQuant-style': ('tab:orange', 'X'),
-                'HQMQ+': ('tab:cyan', '*'), 'noise (yardstick)': ('lightgray', '.'), 'other': ('tab:olive', '*')}   # family -> (colour, marker)
+                'HQMQ+': ('tab:cyan', '8'), 'noise (yardstick)': ('lightgray', '.'), 'other': ('tab:olive', '*')}   # family -> (colour, marker)
 MED3_SUFFIX = {'med': '+Med3×', 'med_row': '+Med3×(row)', 'med_token': '+Med3×(token)'}   # Med3× mode -> family suffix
 
 # %% ../nbs/02_quant.ipynb #9a0b1c03
