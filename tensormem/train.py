@@ -21,8 +21,8 @@ __all__ = ['CKPT', 'LOG', 'LM_DEFAULTS', 'MEMORY_DEFAULTS', 'FREE', 'COMMON', 'e
            'atomic_save', 'load_checkpoint', 'build_lm', 'LogitsOnly', 'attach_memories', 'build_memory_lm',
            'trainable_state', 'keep_decay_fp32', 'make_accelerator', 'split_batch', 'train_step', 'save_checkpoint',
            'restore', 'read_log', 'start_log', 'make_optimizer', 'run_steps', 'fit_batches', 'build', 'fit',
-           'ArgParser', 'with_defaults', 'add_common', 'lm_parser', 'memory_parser', 'check_out', 'resolve', 'run_job',
-           'main_lm', 'main_memory', 'cli']
+           'ArgParser', 'with_defaults', 'add_common', 'lm_parser', 'memory_parser', 'check_out', 'resolve',
+           'end_distributed', 'run_job', 'main_lm', 'main_memory', 'cli']
 
 # %% ../nbs/08b_train.ipynb #af26da69
 @lru_cache(maxsize=4)
@@ -422,13 +422,18 @@ def resolve(args:dict, # parsed options (absent ones missing)
     return {**saved, **args}, out, Path(resume), progress
 
 # %% ../nbs/08b_train.ipynb #68f11d1e
+def end_distributed():
+    "Leave the process group cleanly (every rank meets, then it is destroyed): a rank exiting with gloo's threads alive can abort."
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized(): dist.barrier(); dist.destroy_process_group()
+
 def run_job(parser:argparse.ArgumentParser, defaults:dict, argv:list[str]) -> int:
     "Parse, resolve and train; the main process prints one summary line."
     cfg, out, resume, progress = resolve(vars(parser.parse_args(argv)), defaults)
     r = fit(cfg, out, resume, progress)
     if r['main']: print(f"step {r['step']}: loss {r['losses'][-1]:.4f}, {r['tokens_per_s']:.0f} tokens/s, log {out/LOG}" if r['losses']
                         else f"nothing to do: the run is at step {r['step']} (raise `--steps` to continue)")
-    return 0
+    end_distributed(); return 0
 
 def main_lm(argv:list[str]|None=None) -> int:
     "`tensormem train lm [options]`: train a TinyLM with any attention mode (one process, torchrun or accelerate launch)."
