@@ -221,21 +221,35 @@ def target_report(rows:list[dict], # rows from `evaluate_model` (with an fp16 ro
 #| export
 
 
+# %% ../nbs/09_hqmq_eval.ipynb #9e1a0b01
+def _label_points(ax, pts:list # (x, y, text): y on a log axis
+                 ):
+    "Annotate points, nudging labels of nearby points apart vertically so they do not overlap."
+    placed = []
+    for x, y, t in sorted(pts, key=lambda p: (p[0], p[1])):
+        dy = 3
+        while any(abs(x - px) < 0.35 and abs(dy - pdy) < 9 and abs(math.log10(y) - math.log10(py)) < 0.12 for px, py, pdy in placed): dy += 9
+        placed.append((x, y, dy)); ax.annotate(t, (x, y), fontsize=7, xytext=(3, dy), textcoords='offset points')
+
 # %% ../nbs/09_hqmq_eval.ipynb #2d67a591
-def pareto_plot(rows:list[dict], # rows from `evaluate_model`
-                title:str='', ax=None):
-    "Perplexity (log) vs measured bits per element, one marker per method, fp16 and +1 % as lines → the figure."
+def pareto_plot(rows:list[dict], # rows from `evaluate_model` (with an fp16 row)
+                title:str='', ax=None,
+                clip:float=100. # gaps above this many % are drawn at the top edge and named there
+               ):
+    "Gap to fp16 in % (log axis) against measured bits per element; catastrophic rows clipped and named; labels spread apart."
     import matplotlib.pyplot as plt
     if ax is None: fig, ax = plt.subplots(figsize=(7, 4.2))
     else: fig = ax.figure
     ref = next((r['ppl'] for r in rows if r['name'] == 'fp16'), None)
+    if ref is None: raise ValueError("`rows` must contain the 'fp16' row (the reference of the gaps)")
+    gap = lambda r: 100 * (r['ppl'] / ref - 1)
+    pts = [(r, max(min(gap(r), clip), 0.05)) for r in rows if r['name'] != 'fp16']    # gaps ≤ 0 drawn at the floor
     for fam, (col, mk) in FAMILY_STYLE.items():
-        rs = [r for r in rows if r['family'] == fam and r['name'] != 'fp16']
-        if rs: ax.scatter([r['measured'] for r in rs], [r['ppl'] for r in rs], c=col, marker=mk, label=fam, zorder=3)
-        for r in rs: ax.annotate(r['name'], (r['measured'], r['ppl']), fontsize=7, xytext=(3, 3), textcoords='offset points')
-    if ref:
-        ax.axhline(ref, color='k', lw=1, label=f'fp16 ({ref:.3f})'); ax.axhline(1.01 * ref, color='k', lw=1, ls=':', label='fp16 + 1 %')
-    ax.set_yscale('log'); ax.set_xlabel('measured bits per element (packed bytes × 8 / elements)'); ax.set_ylabel('perplexity')
+        rs = [(r, g) for r, g in pts if r['family'] == fam]
+        if rs: ax.scatter([r['measured'] for r, _ in rs], [g for _, g in rs], c=col, marker=mk, label=fam, zorder=3)
+    _label_points(ax, [(r['measured'], g, r['name'] + (f" ({gap(r):+.0f} %)" if gap(r) > clip else '')) for r, g in pts])
+    ax.axhline(1, color='k', lw=1, ls=':', label='fp16 + 1 %'); ax.set_yscale('log')
+    ax.set_xlabel('measured bits per element (packed bytes × 8 / elements)'); ax.set_ylabel(f'perplexity gap to fp16, % (clipped at {clip:g})')
     ax.set_title(title, fontsize=9); ax.legend(fontsize=7, ncol=2); ax.grid(alpha=.3, which='both')
     return fig
 

@@ -139,3 +139,16 @@ def test_kv_relmse_and_noise_yardstick(tiny):
     rows = [dict(name=f'n{r}', family='noise (yardstick)', relmse=r, gap=g) for r, g in ((1e-4, .002), (1e-3, .02))]
     assert abs(relmse_at_gap(rows, .01) - 5e-4) < 1e-9       # slope 1 in log-log: gap ×5 at relMSE ×5
     fig = noise_plot(rows + [dict(name='m', family='HQMQ', relmse=3e-4, gap=.01)]); assert len(fig.axes) == 1
+
+
+def test_pareto_plot_gap_axis_clips_and_names():
+    "The plot shows the gap to fp16 in % on a log axis; a catastrophic row is drawn at the clip and named with its gap."
+    import matplotlib; matplotlib.use('Agg')
+    rows = [dict(name='fp16', family='fp16', ppl=10., measured=16.), dict(name='good', family='HQMQ', ppl=10.2, measured=4.),
+            dict(name='bad', family='naive int', ppl=80., measured=3.), dict(name='near', family='HQMQ', ppl=10.21, measured=4.05)]
+    ax = pareto_plot(rows).axes[0]
+    texts = {t.get_text(): t for t in ax.texts}
+    assert ax.get_yscale() == 'log' and 'bad (+700 %)' in texts and 'good' in texts
+    assert max(float(y) for c in ax.collections for _, y in c.get_offsets()) <= 100
+    assert texts['good'].xyann != texts['near'].xyann                      # close points: labels nudged apart
+    with pytest.raises(ValueError, match="'fp16' row"): pareto_plot(rows[1:])
