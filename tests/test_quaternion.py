@@ -1,4 +1,4 @@
-"Property tests of the quaternion algebra and 2T (SPEC.md §1) against independent references."
+"Property tests of the quaternion algebra and 2T (the binary tetrahedral group, 24 Hurwitz units) against independent references."
 import itertools, math
 import pytest, torch
 from hypothesis import given, settings, strategies as st
@@ -12,7 +12,7 @@ def unit(shape, seed, dtype=torch.float64):
     q = rand(shape, seed, dtype); return q / q.norm(dim=-1, keepdim=True)
 
 def loop_qmul(a, b):
-    "Plain float64 loop from the SPEC formulas, one quaternion at a time."
+    "Plain float64 loop of the Hamilton product written out component by component, one quaternion at a time."
     out = torch.empty(a.shape[0], 4, dtype=torch.float64)
     for n in range(a.shape[0]):
         aw, ax, ay, az = a[n].tolist(); bw, bx, by, bz = b[n].tolist()

@@ -32,13 +32,13 @@ def test_modidx_matches_modules():
     exported = {k.split('.')[1] for k in d['syms'] if k.count('.') >= 1}
     assert exported <= set(MODULES), exported - set(MODULES)
 
-SPEC_NAMES = {'quaternion': ['qmul', 'qconj', 'hurwitz_units', 'nearest_hurwitz'],
+PUBLIC_NAMES = {'quaternion': ['qmul', 'qconj', 'hurwitz_units', 'nearest_hurwitz'],
               'quant': ['kv_cache_bytes', 'pack_bits', 'outlier_mask', 'check_kv'], 'hqmq': ['HQMQ'], 'baselines': ['NaiveInt', 'KIVI', 'TurboQuantLike'],
               'hf_cache': ['QuantizedKVCache'], 'fastweight': ['write_tokens', 'write_chunk_mean', 'write_scan'],
               'tensor_cache': ['TensorCacheAttention'],
               'tensor_memory': ['soft_write', 'trilinear_read', 'TensorMemory', 'attach_memory', 'detach_memory']}
 
-@pytest.mark.parametrize('mod,names', [(m, n) for m, n in SPEC_NAMES.items() if m in MODULES])
+@pytest.mark.parametrize('mod,names', [(m, n) for m, n in PUBLIC_NAMES.items() if m in MODULES])
 def test_spec_public_names(mod, names):
     "The public names every notebook, doc page and test relies on stay importable from these modules."
     m = import_or_skip(f'tensormem.{mod}')

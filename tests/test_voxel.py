@@ -28,7 +28,7 @@ def trilinear_loop(h, loc):
 
 
 def write_loop(content, loc, sigma, grid):
-    "The SPEC formula cell by cell: content [N, C], loc [N, 3], sigma [N] → [C, D, H, W]."
+    "The Gaussian soft-write formula, cell by cell: content [N, C], loc [N, 3], sigma [N] → [C, D, H, W]."
     D, H, W = grid
     out = torch.zeros(content.shape[1], D, H, W, dtype=content.dtype)
     for n in range(content.shape[0]):
