@@ -9,6 +9,7 @@ one imports triton (relative imports followed through the exported package).
 Usage: python scripts/colab.py [--check] [notebooks ...]   (default: every notebook under nbs/)
 """
 import argparse, configparser, hashlib, json, re, sys
+from importlib.util import resolve_name
 from pathlib import Path
 
 root = Path(__file__).resolve().parents[1]
@@ -19,18 +20,14 @@ def settings() -> dict:
     c = configparser.ConfigParser(); c.read(root/'settings.ini'); return dict(c['DEFAULT'])
 
 def module_needs() -> dict:
-    "{module: set of extras} over the exported package, following relative imports."
+    "{module: set of extras} over the exported package, following its tensormem imports (relative ones resolved)."
     direct, deps = {}, {}
     for p in (root/'tensormem').rglob('*.py'):
-        mod = '.'.join(p.relative_to(root).with_suffix('').parts); src = p.read_text()
-        need = set()
-        if re.search(r"^\s*(from|import) transformers|require\('transformers", src, re.M): need.add('hf')
-        if re.search(r"^\s*(from|import) (triton|accelerate)|require\('(triton|accelerate)", src, re.M):
-            need |= {'gpu'} if re.search(r"^\s*(from|import) triton|require\('triton", src, re.M) else set()
-        direct[mod] = need
-        pkg = mod.rsplit('.', 1)[0]
-        deps[mod] = {(pkg + '.' + m[1:] if m.startswith('.') else m).replace('..', '.') for m in re.findall(r"^\s*from (\.[\w.]*|tensormem\.[\w.]+) import", src, re.M)}
-        deps[mod] = {d if not d.startswith('.') else d for d in deps[mod]}
+        mod = '.'.join(p.relative_to(root).with_suffix('').parts).removesuffix('.__init__'); src = p.read_text()
+        uses = lambda pkg: re.search(rf"^\s*(from|import) {pkg}\b|require\('{pkg}", src, re.M)
+        direct[mod] = {x for x, pkg in (('hf', 'transformers'), ('gpu', 'triton')) if uses(pkg)}
+        pkg = mod if p.name == '__init__.py' else mod.rsplit('.', 1)[0]
+        deps[mod] = {resolve_name(m, pkg) for m in re.findall(r"^\s*from (\.[\w.]*|tensormem\.[\w.]+) import", src, re.M)}
     def close(m, seen):
         if m in seen or m not in direct: return set()
         seen.add(m); out = set(direct[m])
