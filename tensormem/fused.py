@@ -394,12 +394,12 @@ def enable_fused_hqmq(model): # a transformers model
 def _store_rows(st:HQMQStore, idx:Tensor) -> HQMQStore:
     "The store of rows `idx` (repeats allowed), rebuilt from its packed rows."
     new = HQMQStore(st.hq, st.layer, st.role, len(idx), st.H, st.device, st.block)
-    return new.append(packed_select(st.packed(), idx)) or new
+    return new.append(packed_select(st.packed(), idx))
 
 def _store_head(st:HQMQStore, n:int) -> HQMQStore:
     "The store of its first `n` tokens, rebuilt from its packed tokens."
     new = HQMQStore(st.hq, st.layer, st.role, st.B, st.H, st.device, st.block)
-    return (new.append(packed_head(st.packed(), n)) or new) if n else new
+    return new.append(packed_head(st.packed(), n)) if n else new
 
 # %% ../nbs/11_fused_decode.ipynb #be0a0003
 def _codes_rows(c:HQMQCodes, idx:Tensor) -> HQMQCodes:
