@@ -4,13 +4,15 @@
 
 # %% ../nbs/00_core.ipynb #d4c22910
 from __future__ import annotations
-import collections, functools, importlib, os, random
+import collections, ctypes, functools, hashlib, importlib, os, platform, random, shutil, subprocess, tempfile, warnings
+from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['IN_TEST', 'IN_COLAB', 'EXTRAS', 'default_device', 'seed_everything', 'check_tensor', 'check_int', 'UsageError',
-           'job_device', 'job_out', 'require', 'interact_or_static', 'doc_links']
+__all__ = ['IN_TEST', 'IN_COLAB', 'EXTRAS', 'C_FLAGS', 'default_device', 'seed_everything', 'check_tensor', 'check_int',
+           'UsageError', 'job_device', 'job_out', 'require', 'cache_dir', 'c_library', 'interact_or_static',
+           'doc_links']
 
 # %% ../nbs/00_core.ipynb #6ccf012f
 IN_TEST = bool(os.environ.get('IN_TEST'))   # set by `nbdev_test`; notebooks shrink their runs
@@ -96,6 +98,44 @@ def require(module:str, # what to import, e.g. 'transformers' or 'transformers.c
         top = module.split('.')[0]
         if e.name != top: raise   # a submodule, or another package missing inside it: not ours to name
         raise ImportError(f"`{top}` is not installed: pip install \"tensormem[{extra or EXTRAS.get(top, 'all')}]\"", name=top) from None
+
+# %% ../nbs/00_core.ipynb #82922076
+C_FLAGS = ('-O3', '-march=native', '-fopenmp', '-ffp-contract=off', '-fno-math-errno', '-shared', '-fPIC')
+_C_LIBS: dict = {}
+
+def cache_dir() -> Path:
+    "User cache folder: `$TENSORMEM_CACHE` if set, else `~/.cache/tensormem`."
+    return Path(os.environ.get('TENSORMEM_CACHE') or Path.home()/'.cache'/'tensormem')
+
+def _cpu_id() -> str:
+    "What `-march=native` depends on: the machine and its CPU flags."
+    try: flags = next((l for l in open('/proc/cpuinfo') if l.startswith(('flags', 'Features'))), '')
+    except OSError: flags = ''
+    return platform.machine() + flags
+
+def c_library(name:str, # a short name for the file and the messages, e.g. 'hqmq_encode'
+              source:str # the C source
+             ) -> ctypes.CDLL|None: # the loaded library, or None where no compiler works (callers fall back to torch)
+    "Compile `source` once per machine (cached by source, flags and CPU) and load it; None after one warning when it cannot be built."
+    if os.environ.get('TENSORMEM_NO_C'): return None
+    key = hashlib.sha256('\0'.join((source, *C_FLAGS, _cpu_id())).encode()).hexdigest()[:16]
+    if key in _C_LIBS: return _C_LIBS[key]
+    so = cache_dir()/'kernels'/f'{name}-{key}.so'
+    if not so.exists():
+        cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
+        err = None if cc else 'no C compiler (cc) on PATH'
+        if cc:
+            so.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=so.parent) as d:
+                src, tmp = Path(d)/f'{name}.c', Path(d)/f'{name}.so'; src.write_text(source)
+                r = subprocess.run([cc, *C_FLAGS, str(src), '-o', str(tmp), '-lm'], capture_output=True, text=True)
+                if r.returncode: err = f"{cc} failed: {r.stderr.strip()[-400:]}"
+                else: os.replace(tmp, so)                      # atomic: concurrent builders agree
+        if err:
+            warnings.warn(f"tensormem: the {name} CPU kernels were not built ({err}); using the torch path (same results, slower)")
+            _C_LIBS[key] = None; return None
+    _C_LIBS[key] = lib = ctypes.CDLL(str(so))
+    return lib
 
 # %% ../nbs/00_core.ipynb #4928fdc4
 def interact_or_static(fn, # plotting function taking keyword arguments

@@ -18,7 +18,7 @@ from .quant import unpack_bits
 from .hqmq import HQMQ, HQMQPacked, unpack_digits
 from .ops.triton_utils import HAS_TRITON
 from .ops.hqmq import DecodeSource, decode_attention_sources, hqmq_encode
-from .ops.hqmq_codes import HQMQCodes, code_attention
+from .ops.hqmq_codes import HQMQCodes, code_attention, merge_lse
 from .hf_cache import QuantizedKVCache, QuantizedKVLayer, packed_select, packed_head
 
 # %% auto #0
@@ -213,15 +213,6 @@ def source(self:HQMQStore) -> DecodeSource:
                         self.cap, self.cap // self.ndig if self.ndig else 0, self.cap // self.block, self.ocap if o else 0,
                         self.block, self.layer, self.role)
 
-# %% ../nbs/11_fused_decode.ipynb #fa584b25
-def _merge_lse(o1:Tensor, l1:Tensor, # output `[..., d]` and log-sum-exp `[...]` of softmax attention over one key set
-               o2:Tensor, l2:Tensor # the same over a disjoint key set
-              ) -> Tensor: # softmax attention over the union `[..., d]`
-    "Join two parts' softmax attention by their partition functions (−inf log-sum-exp: the part has no attended key)."
-    m = torch.maximum(l1, l2).clamp_min(torch.finfo(torch.float32).min)
-    w1, w2 = (l1 - m).exp(), (l2 - m).exp()
-    return (w1[..., None] * o1 + w2[..., None] * o2) / (w1 + w2)[..., None]
-
 # %% ../nbs/11_fused_decode.ipynb #b2004678
 ATTN_NAME = 'tensormem_hqmq'
 
@@ -278,7 +269,7 @@ def _pack(self:FusedHQMQLayer, x:Tensor, role:str, t0:int):
     "Store positions [t0, t0 + t) of `role` (the `QuantizedKVLayer._write` hook): codes in the mirror on CPU, else into the packed store."
     if self._mode(x) == 'codes':                                       # CPU: keep the codes unpacked, score on them
         if self.codes is None: self.codes = {r: HQMQCodes(self.quantizer, self.layer_idx, r, x.shape[0], x.shape[1], x.device) for r in 'kv'}
-        self.codes[role].append_codes(*self.quantizer.encode(x, self.layer_idx, role, self._valid(t0, x.shape[-2])))
+        self.codes[role].encode_append(x, self._valid(t0, x.shape[-2]))
         return
     if self.stores is None:
         self.stores = {r: HQMQStore(self.quantizer, self.layer_idx, r, x.shape[0], x.shape[1], x.device, self.block) for r in 'kv'}
@@ -363,7 +354,7 @@ def attend(self:FusedHQMQLayer, query:Tensor, # `[B, H_q, 1, d_h]` (post-RoPE), 
     else: o, lse = decode_attention_sources(q, self.quantizer, st['k'].source(), st['v'].source(), len(st['k']), st['k'].H, rel, scaling, return_lse=True)
     if self.keys.shape[-2]:                                            # sinks: exact, in fp32, then one softmax over both parts
         o_s, lse_s = dense_attention(q, self.keys, self.values, scaling, first, last=sink_end)
-        o = _merge_lse(o.float(), lse, o_s, lse_s).to(query.dtype)   # the current token is attended: never both −inf
+        o = merge_lse(o.float(), lse, o_s, lse_s).to(query.dtype)   # the current token is attended: never both −inf
     return o[:, None]
 
 # %% ../nbs/11_fused_decode.ipynb #2b806ef9

@@ -9,15 +9,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from fastcore.basics import patch, store_attr
-from .core import check_tensor, check_int
+import ctypes
+from .core import check_tensor, check_int, c_library
 from .quaternion import qmul, qconj, qmat_right, hurwitz_units, nearest_hurwitz
 from .quant import (ROLES, OUTLIER_MODES, MED3_SUFFIX, check_kv, check_valid, check_positive, check_fraction, fp16_scale, fp16_values,
                              Packed, KVQuantizer, pack_bits, unpack_bits, chunk_norms, outlier_mask, cat_outliers)
 
 # %% auto #0
-__all__ = ['SEARCH_METHODS', 'secondary_codebooks', 'joint_codebook', 'rotation_columns', 'search_directions', 'radius_code',
-           'radius_decode', 'IndexLayout', 'digits_per_word', 'index_layout', 'pack_digits', 'unpack_digits',
-           'HQMQPacked', 'cat_digits', 'HQMQ']
+__all__ = ['SEARCH_METHODS', 'HQMQ_ENCODE_C', 'secondary_codebooks', 'joint_codebook', 'rotation_columns', 'search_directions',
+           'radius_code', 'radius_decode', 'IndexLayout', 'digits_per_word', 'index_layout', 'pack_digits',
+           'unpack_digits', 'HQMQPacked', 'cat_digits', 'HQMQ']
 
 # %% ../nbs/03_hqmq.ipynb #150115a9
 def secondary_codebooks(n_layers:int, # number of layers L
@@ -240,6 +241,147 @@ def directions(self:HQMQ, xc:torch.Tensor, r:torch.Tensor, # chunks `[B, H, T, n
     u = (xc / r.clamp_min(1e-30)[..., None]).transpose(0, 1).reshape(H, -1, 4)
     return search_directions(u, self.codebook(layer, role, xc.device)[0], self.encoder).view(H, B, T, nc).transpose(0, 1)
 
+# %% ../nbs/03_hqmq.ipynb #76a3e633
+HQMQ_ENCODE_C = r"""
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+#define TILE 64   /* directions searched together: one vector lane each */
+#define TOK 16    /* tokens per parallel work item */
+
+/* Best rotation of each of TILE directions (SoA u0..u3): the s maximising max(max_i |r_i|, ½ Σ_i |r_i|) over
+   r = u ⊗ conj(sec_s) (column i·S + s of W [4, 4S]), first s on ties; the loop over lanes vectorises. */
+static void search_tile(const float *restrict u0, const float *restrict u1, const float *restrict u2, const float *restrict u3,
+                        const float *restrict W, int64_t S, float *restrict best, float *restrict bs) {
+  for (int k = 0; k < TILE; k++) { best[k] = -1.f; bs[k] = 0.f; }
+  for (int64_t s = 0; s < S; s++) {
+    float w[4][4];
+    for (int i = 0; i < 4; i++) for (int c = 0; c < 4; c++) w[i][c] = W[c * 4 * S + i * S + s];
+    const float fs = (float)s;
+    for (int k = 0; k < TILE; k++) {
+      float r0 = u0[k]*w[0][0] + u1[k]*w[0][1] + u2[k]*w[0][2] + u3[k]*w[0][3];
+      float r1 = u0[k]*w[1][0] + u1[k]*w[1][1] + u2[k]*w[1][2] + u3[k]*w[1][3];
+      float r2 = u0[k]*w[2][0] + u1[k]*w[2][1] + u2[k]*w[2][2] + u3[k]*w[2][3];
+      float r3 = u0[k]*w[3][0] + u1[k]*w[3][1] + u2[k]*w[3][2] + u3[k]*w[3][3];
+      float a0 = fabsf(r0), a1 = fabsf(r1), a2 = fabsf(r2), a3 = fabsf(r3);
+      float m01 = a0 > a1 ? a0 : a1, m23 = a2 > a3 ? a2 : a3, m = m01 > m23 ? m01 : m23;
+      float h = 0.5f * (((a0 + a1) + a2) + a3), sc = h > m ? h : m;
+      int better = sc > best[k];
+      bs[k] = better ? fs : bs[k]; best[k] = better ? sc : best[k];
+    }
+  }
+}
+
+/* Joint index p·S + s: the closed-form nearest 2T unit p of the winning rotation (as `nearest_hurwitz`). */
+static int64_t finish_index(float u0, float u1, float u2, float u3, const float *W, int64_t S, int64_t s) {
+  float r[4], a[4];
+  for (int i = 0; i < 4; i++) { r[i] = u0*W[i*S + s] + u1*W[4*S + i*S + s] + u2*W[8*S + i*S + s] + u3*W[12*S + i*S + s]; a[i] = fabsf(r[i]); }
+  int ai = 0; for (int i = 1; i < 4; i++) if (a[i] > a[ai]) ai = i;
+  int64_t p = 0.5f * (((a[0] + a[1]) + a[2]) + a[3]) > a[ai] ? 8 + (r[0] < 0) * 8 + (r[1] < 0) * 4 + (r[2] < 0) * 2 + (r[3] < 0)
+                                                             : 2 * ai + (r[ai] < 0);
+  return p * S + s;
+}
+
+static float lower_median(const float *v, int64_t n) {   /* torch.median: the lower of the two middle values */
+  float b[256];
+  for (int64_t i = 0; i < n; i++) { float x = v[i]; int64_t k = i - 1; while (k >= 0 && b[k] > x) { b[k + 1] = b[k]; k--; } b[k + 1] = x; }
+  return b[(n - 1) / 2];
+}
+
+static void put_j(void *j, int jbytes, int64_t at, int64_t v) { if (jbytes == 2) ((int16_t *)j)[at] = (int16_t)v; else ((int32_t *)j)[at] = (int32_t)v; }
+
+/* One HQMQ write. x [R = B·H, T, d] fp32; W [H, 4, 4S]; mode 0: no outliers, 1: med_token (C × the token's median
+   chunk norm), 2: the given mask `min` [R, T, nc]. valid [B, T] (or NULL): padding is never a med_token outlier.
+   Writes j (int16 if jbytes == 2, else int32) and r_q (uint8) at [r, c, t0 + t] (row stride nc·cap, chunk stride cap),
+   σ (fp16 bits) at [r, t0 + t] (row stride cap) and the outlier mask mout [R, T, nc] (or NULL). Returns 0, or 1 when a
+   σ overflows fp16, 2 when a non-zero σ is below fp16's normal range, 3 when a chunk norm is not finite, 4 for nc > 256. */
+int tm_encode(const float *x, int64_t B, int64_t H, int64_t T, int64_t d, int64_t nc, const float *W, int64_t S,
+              int64_t qmax, int mode, float Cth, int sigma_outliers, const uint8_t *valid, const uint8_t *min,
+              void *jout, int jbytes, uint8_t *rqout, uint16_t *sgout, int64_t cap, int64_t t0, uint8_t *mout, int nthreads) {
+  const int64_t R = B * H, nblk = (T + TOK - 1) / TOK; int err = 0;
+  if (nc > 256) return 4;
+  #pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2) reduction(max:err)
+  for (int64_t r = 0; r < R; r++) for (int64_t blk = 0; blk < nblk; blk++) {
+    const int64_t b = r / H, ta = blk * TOK, n = T - ta < TOK ? T - ta : TOK;
+    const float *Wg = W + (r % H) * 16 * S;
+    float U0[TILE], U1[TILE], U2[TILE], U3[TILE], best[TILE], bs[TILE]; int64_t slot[TILE]; int nt = 0;
+    for (int64_t k = 0; k < n; k++) {
+      const int64_t t = ta + k; const float *xt = x + (r * T + t) * d;
+      float xc[256][4], rn[256]; uint8_t m[256];
+      for (int64_t c = 0; c < nc; c++) for (int i = 0; i < 4; i++) xc[c][i] = 4 * c + i < d ? xt[4 * c + i] : 0.f;
+      for (int64_t c = 0; c < nc; c++) {            /* chunk norms, summed in `chunk_norms`' order */
+        rn[c] = sqrtf(((xc[c][0]*xc[c][0] + xc[c][1]*xc[c][1]) + xc[c][2]*xc[c][2]) + xc[c][3]*xc[c][3]);
+        if (!isfinite(rn[c]) && err < 3) err = 3;
+        m[c] = mode == 2 ? min[(r * T + t) * nc + c] : 0;
+      }
+      if (mode == 1 && (!valid || valid[b * T + t])) { const float med = lower_median(rn, nc); for (int64_t c = 0; c < nc; c++) m[c] = rn[c] > Cth * med; }
+      float sm = 0.f;                               /* σ: the largest chunk norm (outliers left out unless sigma_outliers) */
+      for (int64_t c = 0; c < nc; c++) { const float v = (m[c] && !sigma_outliers) ? 0.f : rn[c]; sm = v > sm ? v : sm; }
+      const _Float16 s16 = (_Float16)sm; const float s = (float)s16;
+      if (isinf(s)) { if (err < 1) err = 1; } else if (sm > 0.f && sm < 6.103515625e-05f && err < 2) err = 2;
+      uint16_t bits; memcpy(&bits, &s16, 2); sgout[r * cap + t0 + t] = bits;
+      for (int64_t c = 0; c < nc; c++) {
+        float q = s > 0.f ? rintf((rn[c] * (float)qmax) / s) : 0.f;     /* `radius_code`: round half to even */
+        q = q < 0.f ? 0.f : q > (float)qmax ? (float)qmax : q;
+        const int64_t at = (r * nc + c) * cap + t0 + t;
+        rqout[at] = m[c] ? 0 : (uint8_t)q;
+        if (mout) mout[(r * T + t) * nc + c] = m[c];
+        if (m[c]) { put_j(jout, jbytes, at, 0); continue; }
+        const float rc = rn[c] > 1e-30f ? rn[c] : 1e-30f;
+        U0[nt] = xc[c][0] / rc; U1[nt] = xc[c][1] / rc; U2[nt] = xc[c][2] / rc; U3[nt] = xc[c][3] / rc; slot[nt++] = at;
+        if (nt == TILE) {
+          search_tile(U0, U1, U2, U3, Wg, S, best, bs);
+          for (int i = 0; i < TILE; i++) put_j(jout, jbytes, slot[i], finish_index(U0[i], U1[i], U2[i], U3[i], Wg, S, (int64_t)bs[i]));
+          nt = 0;
+        }
+      }
+    }
+    if (nt) {
+      for (int i = nt; i < TILE; i++) U0[i] = U1[i] = U2[i] = U3[i] = 0.f;
+      search_tile(U0, U1, U2, U3, Wg, S, best, bs);
+      for (int i = 0; i < nt; i++) put_j(jout, jbytes, slot[i], finish_index(U0[i], U1[i], U2[i], U3[i], Wg, S, (int64_t)bs[i]));
+    }
+  }
+  return err;
+}
+"""
+
+# %% ../nbs/03_hqmq.ipynb #b283380f
+def _c(t): return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+@patch
+def rotation_table(self:HQMQ, layer:int, role:str, device) -> torch.Tensor:
+    "`rotation_columns` of a (layer, role)'s secondary codebooks `[H, 4, 4S]` on `device`, cached."
+    key = ('rot', layer, role, str(device))
+    if key not in self._tables: self._tables[key] = rotation_columns(self.codebook(layer, role, device)[0]).contiguous()
+    return self._tables[key]
+
+@patch
+def compiled(self:HQMQ, x:torch.Tensor) -> bool:
+    "Whether writes like `x` go through the compiled encoder: a CPU tensor, the rotation search, and a C compiler."
+    return x.device.type == 'cpu' and self.encoder == 'rot' and c_library('hqmq_encode', HQMQ_ENCODE_C) is not None
+
+@patch
+def encode_into(self:HQMQ, x:torch.Tensor, # `[B, H, n, d_h]` K or V, validated by the caller
+                layer:int, role:str, valid:torch.Tensor|None, # as `encode`
+                j:torch.Tensor, rq:torch.Tensor, sigma:torch.Tensor, # `[B·H, nc, cap]` int16/int32, uint8 and `[B·H, cap]` fp16 buffers
+                t0:int=0 # token offset of the write in the buffers
+               ) -> tuple[bool, torch.Tensor|None]: # (written, outlier mask `[B, H, n, nc]` or None)
+    "The compiled encoder into chunk-major buffers; (False, None) when it reports an error (the torch steps then raise it)."
+    B, H, n, d = x.shape; cap = j.shape[-1]
+    if n == 0: return True, (None if self.outliers is None else torch.zeros(B, H, 0, self.nc, dtype=torch.bool))
+    xf, v = x.float().contiguous(), None if valid is None else valid.to(torch.uint8).contiguous()
+    mode, given = (0, None) if self.outliers is None else (1, None) if self.outliers == 'med_token' else (2, None)
+    if mode == 2: given = outlier_mask(chunk_norms(self.chunks(x)[0]), self.outliers, self.C, valid).to(torch.uint8).contiguous()
+    m = None if mode == 0 else given if given is not None else torch.empty(B, H, n, self.nc, dtype=torch.uint8)
+    err = c_library('hqmq_encode', HQMQ_ENCODE_C).tm_encode(
+        _c(xf), *map(ctypes.c_int64, (B, H, n, d, self.nc)), _c(self.rotation_table(layer, role, 'cpu')), ctypes.c_int64(self.S),
+        ctypes.c_int64(2**self.radius_bits - 1), ctypes.c_int(mode), ctypes.c_float(self.C), ctypes.c_int(int(self.sigma_outliers)),
+        _c(v), _c(given), _c(j), ctypes.c_int(j.element_size()), _c(rq), _c(sigma), ctypes.c_int64(cap), ctypes.c_int64(t0),
+        _c(m if mode == 1 else None), ctypes.c_int(torch.get_num_threads()))
+    return err == 0, None if m is None else m.bool()
+
 # %% ../nbs/03_hqmq.ipynb #3c0d1e05
 @patch
 def encode(self:HQMQ, x:torch.Tensor, # K or V states `[B, H_kv, T, d_h]`, fp16/bf16/fp32
@@ -248,6 +390,14 @@ def encode(self:HQMQ, x:torch.Tensor, # K or V states `[B, H_kv, T, d_h]`, fp16/
           ) -> tuple: # (j `[B, H, T, nc]`, r_q (both 0 at outliers), σ `[B, H, T]` fp16, outlier mask or None, outlier values `[n, 4]` fp16 or None)
     "The codes of one cache write, unpacked: chunk norms, Med3×, per-token fp16 σ, radius codes, joint direction indices."
     check_kv(x, layer, role, self.n_layers, self.n_kv_heads, self.head_dim); check_valid(valid, x)
+    if self.compiled(x):                                   # the compiled encoder (above), same codes
+        B, H, T, _ = x.shape
+        j, rq = torch.empty(B * H, self.nc, T, dtype=torch.int16 if 24 * self.S < 2**15 else torch.int32), torch.empty(B * H, self.nc, T, dtype=torch.uint8)
+        sigma = torch.empty(B * H, T, dtype=torch.float16); ok, out = self.encode_into(x, layer, role, valid, j, rq, sigma)
+        if ok:
+            j, rq = j.view(B, H, self.nc, T).transpose(2, 3).long(), rq.view(B, H, self.nc, T).transpose(2, 3).long()
+            vals = None if out is None else fp16_values(self.chunks(x)[0][out], 'outlier chunks')
+            return j, rq, sigma.view(B, H, T), out, vals
     xc, r = self.chunks(x); out, sigma = self.scales(r, valid)
     j, rq, vals = self.directions(xc, r, layer, role), radius_code(r, sigma, self.radius_bits), None
     if out is not None: j, rq, vals = j.masked_fill(out, 0), rq.masked_fill(out, 0), fp16_values(xc[out], 'outlier chunks')

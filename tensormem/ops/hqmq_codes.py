@@ -9,12 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
-from ..core import check_tensor, check_int
+import ctypes
+from ..core import check_tensor, check_int, c_library
+from ..quant import check_kv, check_valid, fp16_values
 from ..quant import unpack_bits
 from ..hqmq import HQMQ, HQMQPacked, unpack_digits
 
 # %% auto #0
-__all__ = ['packed_codes', 'HQMQCodes', 'key_scores', 'value_mix', 'attend_dense', 'code_attention']
+__all__ = ['CODE_ATTENTION_C', 'packed_codes', 'HQMQCodes', 'key_scores', 'value_mix', 'merge_lse', 'compiled_code_attention',
+           'attend_dense', 'code_attention']
 
 # %% ../../nbs/10c_ops_hqmq_codes.ipynb #f17f81f6
 def packed_codes(hq:HQMQ, p:HQMQPacked # a packed write made by `hq`
@@ -114,6 +117,28 @@ def dequantize(self:HQMQCodes, start:int=0 # first token to decode
         x[self.orow[:self.n_out][m], self.oc[:self.n_out][m], self.ot[:self.n_out][m] - start] = self.oval[:self.n_out][m].float()
     return x.permute(0, 2, 1, 3).reshape(self.B, self.H, n, 4 * nc)[..., :self.hq.head_dim]
 
+# %% ../../nbs/10c_ops_hqmq_codes.ipynb #dd26e199
+@patch
+def encode_append(self:HQMQCodes, x:Tensor, # K or V states `[B, H, n, d_h]` of this layer and role
+                  valid:Tensor|None=None # `[B, n]` bool, False = padding (as `HQMQ.encode`)
+                 ) -> HQMQCodes:
+    "Encode `x` and append its codes: compiled straight into the buffers on the CPU, else `HQMQ.encode` + `append_codes`."
+    hq, (B, H, n, _) = self.hq, x.shape
+    if not hq.compiled(x): return self.append_codes(*hq.encode(x, self.layer, self.role, valid))
+    check_kv(x, self.layer, self.role, hq.n_layers, hq.n_kv_heads, hq.head_dim); check_valid(valid, x)
+    if (B, H) != (self.B, self.H): raise ValueError(f"`x` must be [{self.B}, {self.H}, n, {hq.head_dim}], got {tuple(x.shape)}")
+    T, BH = self.T, B * H
+    self.j, self.rq, self.sigma = _grown(self.j, 2, T + n), _grown(self.rq, 2, T + n), _grown(self.sigma, 1, T + n)
+    ok, out = hq.encode_into(x, self.layer, self.role, valid, self.j, self.rq, self.sigma, T)
+    if not ok: return self.append_codes(*hq.encode(x, self.layer, self.role, valid))   # raises the torch steps' error
+    if out is not None and bool(out.any()):
+        row, t, c = out.reshape(BH, n, hq.nc).nonzero().unbind(1); k, o = row.shape[0], self.n_out
+        self.orow, self.ot, self.oc, self.oval = [_grown(b, 0, o + k) for b in (self.orow, self.ot, self.oc, self.oval)]
+        self.orow[o:o + k], self.ot[o:o + k], self.oc[o:o + k] = row, t + T, c
+        self.oval[o:o + k] = fp16_values(hq.chunks(x)[0].reshape(BH, n, hq.nc, 4)[row, t, c], 'outlier chunks'); self.n_out += k
+    self.T = T + n
+    return self
+
 # %% ../../nbs/10c_ops_hqmq_codes.ipynb #0c0f1c17
 def _key_outliers(s:Tensor, q4:Tensor, kc:HQMQCodes) -> Tensor:
     "Add the exact ⟨q_c, x⟩ of every outlier chunk to the scores `s` `[B·H, G, T]`."
@@ -153,6 +178,183 @@ def value_mix(w:Tensor, # `[B·H, G, T]` fp32 attention weights of the stored to
     out = bins @ vc.hq.codebook(vc.layer, 'v', w.device)[1].repeat(vc.B, 1, 1)[None]
     return _value_outliers(out, w, vc) if vc.n_out else out
 
+# %% ../../nbs/10c_ops_hqmq_codes.ipynb #ed214721
+CODE_ATTENTION_C = r"""
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+
+#define TB 256   /* tokens per block: the gathered codewords of a block stay in L1 */
+
+/* r_t · C[j_t] of one chunk position for a block of tokens, component-major (one array per quaternion component). */
+static inline __attribute__((always_inline)) void gather_block(int64_t n, const void *jc, int jbytes, const uint8_t *restrict rc,
+    const float *restrict C, float *restrict w0, float *restrict w1, float *restrict w2, float *restrict w3) {
+  if (jbytes == 2) {
+    const int16_t *restrict j = (const int16_t *)jc;
+    #pragma omp simd
+    for (int64_t t = 0; t < n; t++) { const int64_t o = 4 * (int64_t)j[t]; const float r = (float)rc[t];
+      w0[t] = C[o] * r; w1[t] = C[o + 1] * r; w2[t] = C[o + 2] * r; w3[t] = C[o + 3] * r; }
+  } else {
+    const int32_t *restrict j = (const int32_t *)jc;
+    #pragma omp simd
+    for (int64_t t = 0; t < n; t++) { const int64_t o = 4 * (int64_t)j[t]; const float r = (float)rc[t];
+      w0[t] = C[o] * r; w1[t] = C[o + 1] * r; w2[t] = C[o + 2] * r; w3[t] = C[o + 3] * r; }
+  }
+}
+
+/* Scores of one (batch row, KV head): s[g, t] = f · σ_t · Σ_c ⟨q_gc, r_tc C[j_tc]⟩ for t in [t0, T). */
+static inline __attribute__((always_inline)) void key_row(const int G, int64_t nc, int64_t t0, int64_t T, int64_t cap,
+    const float *restrict q, const char *kj, int jbytes, const uint8_t *restrict krq, const float *restrict sig,
+    const float *restrict C, float f, float *restrict s) {
+  const int64_t D = 4 * nc;
+  float w0[TB], w1[TB], w2[TB], w3[TB];
+  for (int64_t b0 = t0; b0 < T; b0 += TB) {
+    const int64_t n = T - b0 < TB ? T - b0 : TB;
+    for (int g = 0; g < G; g++) memset(s + g * cap + b0, 0, n * sizeof(float));
+    for (int64_t c = 0; c < nc; c++) {
+      gather_block(n, kj + (c * cap + b0) * jbytes, jbytes, krq + c * cap + b0, C, w0, w1, w2, w3);
+      for (int g = 0; g < G; g++) {
+        const float q0 = q[g*D + 4*c], q1 = q[g*D + 4*c + 1], q2 = q[g*D + 4*c + 2], q3 = q[g*D + 4*c + 3];
+        float *restrict sg = s + g * cap + b0;
+        #pragma omp simd
+        for (int64_t t = 0; t < n; t++) sg[t] += q0*w0[t] + q1*w1[t] + q2*w2[t] + q3*w3[t];
+      }
+    }
+    for (int g = 0; g < G; g++) {
+      float *restrict sg = s + g * cap + b0; const float *restrict sm = sig + b0;
+      #pragma omp simd
+      for (int64_t t = 0; t < n; t++) sg[t] = sg[t] * (sm[t] * f);
+    }
+  }
+}
+
+/* Output of one (batch row, KV head): o[g, 4c:4c+4] = f · Σ_t w_gt σ_t r_tc C[j_tc]. */
+static inline __attribute__((always_inline)) void value_row(const int G, int64_t nc, int64_t t0, int64_t T, int64_t cap,
+    const float *restrict w, const char *vj, int jbytes, const uint8_t *restrict vrq, const float *restrict sig,
+    const float *restrict C, float f, float *restrict o) {
+  const int64_t D = 4 * nc;
+  float w0[TB], w1[TB], w2[TB], w3[TB], x[16][TB];
+  for (int64_t b0 = t0; b0 < T; b0 += TB) {
+    const int64_t n = T - b0 < TB ? T - b0 : TB;
+    for (int g = 0; g < G; g++) {
+      const float *restrict wg = w + g * cap + b0, *restrict sm = sig + b0;
+      #pragma omp simd
+      for (int64_t t = 0; t < n; t++) x[g][t] = wg[t] * sm[t];
+    }
+    for (int64_t c = 0; c < nc; c++) {
+      gather_block(n, vj + (c * cap + b0) * jbytes, jbytes, vrq + c * cap + b0, C, w0, w1, w2, w3);
+      for (int g = 0; g < G; g++) {
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f; const float *restrict xg = x[g];
+        #pragma omp simd reduction(+:a0,a1,a2,a3)
+        for (int64_t t = 0; t < n; t++) { a0 += xg[t] * w0[t]; a1 += xg[t] * w1[t]; a2 += xg[t] * w2[t]; a3 += xg[t] * w3[t]; }
+        float *oo = o + g * D + 4 * c; oo[0] += a0 * f; oo[1] += a1 * f; oo[2] += a2 * f; oo[3] += a3 * f;
+      }
+    }
+  }
+}
+
+/* G known at compile time for the common head ratios: the per-head loops unroll. */
+#define BY_G(fn, G, ...) switch (G) { case 1: fn(1, __VA_ARGS__); break; case 2: fn(2, __VA_ARGS__); break; \
+  case 3: fn(3, __VA_ARGS__); break; case 4: fn(4, __VA_ARGS__); break; case 6: fn(6, __VA_ARGS__); break; \
+  case 8: fn(8, __VA_ARGS__); break; default: fn(G, __VA_ARGS__); }
+
+/* One decode step of one layer on the code mirrors. Rows r = b·H + h with G query heads each; codes chunk-major
+   kj/vj [R, nc, cap] (jbytes 2 or 4), krq/vrq [R, nc, cap] uint8, σ ksg/vsg [R, T] fp32; codebooks CK/CV [H, NJ, 4];
+   q [R, G, 4nc] fp32 zero-padded; first [R] first attended position (NULL: 0); outliers (row, t, c, value fp32).
+   Writes out [R, G, 4nc] and lse [R, G] (−inf and 0 for a row with nothing attended); s [R, G, cap] is scratch. */
+int tm_code_attention(int64_t R, int64_t H, int64_t G, int64_t nc, int64_t T, int64_t cap, int64_t NJ,
+    const float *q, float scale, float inv_qmax, int jbytes,
+    const char *kj, const uint8_t *krq, const float *ksg, const float *CK,
+    const char *vj, const uint8_t *vrq, const float *vsg, const float *CV, const int64_t *first,
+    int64_t nko, const int64_t *kor, const int64_t *kot, const int64_t *koc, const float *kov,
+    int64_t nvo, const int64_t *vor, const int64_t *vot, const int64_t *voc, const float *vov,
+    float *out, float *lse, float *s, int nthreads) {
+  if (G < 1 || G > 16) return 1;
+  const int64_t D = 4 * nc;
+  #define T0(r) (first ? (first[r] < 0 ? 0 : first[r] > T ? T : first[r]) : 0)
+  #pragma omp parallel num_threads(nthreads)
+  {
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; r++)
+      BY_G(key_row, G, nc, T0(r), T, cap, q + r * G * D, kj + r * nc * cap * jbytes, jbytes, krq + r * nc * cap,
+           ksg + r * T, CK + (r % H) * NJ * 4, scale * inv_qmax, s + r * G * cap)
+    #pragma omp single
+    for (int64_t i = 0; i < nko; i++) {                 /* outlier keys: exact ⟨q_c, x⟩ */
+      const int64_t r = kor[i], t = kot[i], c = koc[i];
+      if (t < T0(r) || t >= T) continue;
+      const float *v = kov + 4 * i;
+      for (int64_t g = 0; g < G; g++) { const float *qq = q + (r * G + g) * D + 4 * c;
+        s[(r * G + g) * cap + t] += scale * (qq[0]*v[0] + qq[1]*v[1] + qq[2]*v[2] + qq[3]*v[3]); }
+    }
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < R; r++) {
+      const int64_t t0 = T0(r);
+      memset(out + r * G * D, 0, G * D * sizeof(float));
+      for (int64_t g = 0; g < G; g++) {                 /* softmax in place: scores → weights */
+        float *sg = s + (r * G + g) * cap, m = -INFINITY, z = 0.f;
+        if (t0 >= T) { lse[r * G + g] = -INFINITY; continue; }
+        #pragma omp simd reduction(max:m)
+        for (int64_t t = t0; t < T; t++) m = sg[t] > m ? sg[t] : m;
+        #pragma omp simd reduction(+:z)
+        for (int64_t t = t0; t < T; t++) { const float e = expf(sg[t] - m); sg[t] = e; z += e; }
+        const float iz = 1.f / z;
+        #pragma omp simd
+        for (int64_t t = t0; t < T; t++) sg[t] *= iz;
+        lse[r * G + g] = m + logf(z);
+      }
+      if (t0 < T) BY_G(value_row, G, nc, t0, T, cap, s + r * G * cap, vj + r * nc * cap * jbytes, jbytes, vrq + r * nc * cap,
+                       vsg + r * T, CV + (r % H) * NJ * 4, inv_qmax, out + r * G * D)
+    }
+    #pragma omp single
+    for (int64_t i = 0; i < nvo; i++) {                 /* outlier values: exact w_t x */
+      const int64_t r = vor[i], t = vot[i], c = voc[i];
+      if (t < T0(r) || t >= T) continue;
+      const float *v = vov + 4 * i;
+      for (int64_t g = 0; g < G; g++) { const float w = s[(r * G + g) * cap + t]; float *oo = out + (r * G + g) * D + 4 * c;
+        oo[0] += w * v[0]; oo[1] += w * v[1]; oo[2] += w * v[2]; oo[3] += w * v[3]; }
+    }
+  }
+  return 0;
+}
+"""
+
+# %% ../../nbs/10c_ops_hqmq_codes.ipynb #31b6d50a
+def merge_lse(o1:Tensor, l1:Tensor, # output `[..., d]` and log-sum-exp `[...]` of softmax attention over one key set
+              o2:Tensor, l2:Tensor # the same over a disjoint key set
+             ) -> Tensor: # softmax attention over the union `[..., d]`
+    "Join two parts' softmax attention by their partition functions (−inf log-sum-exp: the part has no attended key)."
+    m = torch.maximum(l1, l2).clamp_min(torch.finfo(torch.float32).min)
+    w1, w2 = (l1 - m).exp(), (l2 - m).exp()
+    return (w1[..., None] * o1 + w2[..., None] * o2) / (w1 + w2).clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+
+def _ptr(t): return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+def _outlier_args(m:HQMQCodes, keep:list) -> list:
+    "The outlier count and pointers to (row, t, c, fp32 value); `keep` holds the tensors alive until the call returns."
+    n = m.n_out; keep += [m.orow[:n].contiguous(), m.ot[:n].contiguous(), m.oc[:n].contiguous(), m.oval[:n].float().contiguous()]
+    return [ctypes.c_int64(n), *map(_ptr, keep[-4:])]
+
+def compiled_code_attention(q:Tensor, # one query token `[B, H_q, d_h]`, checked by the caller
+                            kc:HQMQCodes, vc:HQMQCodes, scaling:float|None=None,
+                            first:Tensor|None=None # `[B]`: first attended position of the codes
+                           ) -> tuple[Tensor, Tensor]|None: # (output `[B, H_q, d_h]` fp32, lse `[B, H_q]`), or None without a C compiler
+    "The compiled decode step over the code mirrors alone (no sinks)."
+    lib = c_library('code_attention', CODE_ATTENTION_C)
+    if lib is None: return None
+    (B, Hq, d), H, nc, T = q.shape, kc.H, kc.hq.nc, kc.T; G, R, cap = Hq // H, B * kc.H, kc.j.shape[2]
+    if G > 16 or vc.j.shape[2] != cap or vc.j.dtype != kc.j.dtype: return None
+    q4 = F.pad(q.float(), (0, 4 * nc - d)).reshape(R, G, 4 * nc).contiguous()
+    CK, CV = (m.hq.codebook(m.layer, m.role, 'cpu')[1].contiguous() for m in (kc, vc))
+    fr = None if first is None else first.to(torch.int64).repeat_interleave(H).contiguous()
+    ks, vs = kc.sigma[:, :T].float(), vc.sigma[:, :T].float()
+    out, lse, s, keep = torch.empty(R, G, 4 * nc), torch.empty(R, G), torch.empty(R, G, cap), []
+    lib.tm_code_attention(*map(ctypes.c_int64, (R, H, G, nc, T, cap, CK.shape[1])), _ptr(q4),
+                          ctypes.c_float(1 / math.sqrt(d) if scaling is None else scaling), ctypes.c_float(1 / kc.qmax),
+                          ctypes.c_int(kc.j.element_size()), _ptr(kc.j), _ptr(kc.rq), _ptr(ks), _ptr(CK),
+                          _ptr(vc.j), _ptr(vc.rq), _ptr(vs), _ptr(CV), _ptr(fr),
+                          *_outlier_args(kc, keep), *_outlier_args(vc, keep), _ptr(out), _ptr(lse), _ptr(s), ctypes.c_int(torch.get_num_threads()))
+    return out[..., :d].reshape(B, Hq, d), lse.view(B, Hq)
+
 # %% ../../nbs/10c_ops_hqmq_codes.ipynb #34de823d
 def attend_dense(q:Tensor, # one query token `[B, H_q, d_h]`
                  k:Tensor, v:Tensor, # keys and values `[B, H_kv, T, d_h]` (sinks + dequantized history)
@@ -189,10 +391,26 @@ def code_attention(q:Tensor, # one query token `[B, H_q, d_h]` (post-RoPE), H_q 
                    kc:HQMQCodes, vc:HQMQCodes, # K and V mirrors of one layer
                    scaling:float|None=None, # softmax scale (default 1/√d_h)
                    first:Tensor|None=None, # `[B]`: keys before it are masked (left padding), sinks counted first
-                   sink_k:Tensor|None=None, sink_v:Tensor|None=None # unquantized keys/values before the codes `[B, H_kv, T_s, d_h]`
+                   sink_k:Tensor|None=None, sink_v:Tensor|None=None, # unquantized keys/values before the codes `[B, H_kv, T_s, d_h]`
+                   backend:str='auto' # 'auto' (compiled on the CPU when a C compiler works), 'c' or 'torch'
                   ) -> tuple[Tensor, Tensor]: # (output `[B, H_q, d_h]` in q's dtype, log-sum-exp `[B, H_q]` fp32)
     "Decode attention scored on the codes (nothing dequantized): sinks and outliers exact, one softmax, values binned by code."
     _check_step(q, kc, vc, first, sink_k, sink_v)
+    if backend not in ('auto', 'c', 'torch'): raise ValueError(f"`backend` must be 'auto', 'c' or 'torch', got {backend!r}")
+    if backend != 'torch' and q.device.type == 'cpu' and kc.T:
+        ns = 0 if sink_k is None else sink_k.shape[2]
+        r = compiled_code_attention(q, kc, vc, scaling, None if first is None else (first.to(q.device) - ns).clamp_min(0))
+        if r is None and backend == 'c': raise RuntimeError("the compiled code attention is not available (no C compiler, TENSORMEM_NO_C set, or more than 16 query heads per KV head)")
+        if r is not None:
+            o, lse = r
+            if ns:
+                B, Hq, d = q.shape; G = Hq // kc.H
+                s = torch.einsum('bhgd,bhtd->bhgt', q.float().view(B, kc.H, G, d), sink_k.float()).reshape(B, Hq, ns) * (1 / math.sqrt(d) if scaling is None else scaling)
+                if first is not None: s = s.masked_fill(torch.arange(ns, device=s.device) < first.to(s.device)[:, None, None], float('-inf'))
+                ls = torch.logsumexp(s, -1); os_ = torch.einsum('bgt,bgtd->bgd', (s - ls[..., None]).exp().nan_to_num(0.).view(B, Hq, ns),
+                                                                sink_v.float().repeat_interleave(G, 1))
+                o, lse = merge_lse(o, lse, os_, ls), torch.logaddexp(lse, ls)
+            return o.to(q.dtype), lse
     (B, Hq, d), H, nc, T = q.shape, kc.H, kc.hq.nc, kc.T; G = Hq // H
     s = key_scores(F.pad(q.float(), (0, 4 * nc - d)).view(B, H, G, nc, 4), kc) if T else q.new_zeros(B * H, G, 0, dtype=torch.float32)
     if sink_k is not None: s = torch.cat([torch.einsum('bhgd,bhtd->bhgt', q.float().view(B, H, G, d), sink_k.float()).reshape(B * H, G, -1), s], -1)
