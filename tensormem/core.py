@@ -107,6 +107,7 @@ def cache_dir() -> Path:
     "User cache folder: `$TENSORMEM_CACHE` if set, else `~/.cache/tensormem`."
     return Path(os.environ.get('TENSORMEM_CACHE') or Path.home()/'.cache'/'tensormem')
 
+@functools.lru_cache(None)
 def _cpu_id() -> str:
     "What `-march=native` depends on: the machine and its CPU flags."
     try: flags = next((l for l in open('/proc/cpuinfo') if l.startswith(('flags', 'Features'))), '')
@@ -118,8 +119,8 @@ def c_library(name:str, # a short name for the file and the messages, e.g. 'hqmq
              ) -> ctypes.CDLL|None: # the loaded library, or None where no compiler works (callers fall back to torch)
     "Compile `source` once per machine (cached by source, flags and CPU) and load it; None after one warning when it cannot be built."
     if os.environ.get('TENSORMEM_NO_C'): return None
+    if (name, source) in _C_LIBS: return _C_LIBS[name, source]          # hot path: one dict look-up per call
     key = hashlib.sha256('\0'.join((source, *C_FLAGS, _cpu_id())).encode()).hexdigest()[:16]
-    if key in _C_LIBS: return _C_LIBS[key]
     so = cache_dir()/'kernels'/f'{name}-{key}.so'
     if not so.exists():
         cc = os.environ.get('CC') or shutil.which('cc') or shutil.which('gcc')
@@ -133,8 +134,8 @@ def c_library(name:str, # a short name for the file and the messages, e.g. 'hqmq
                 else: os.replace(tmp, so)                      # atomic: concurrent builders agree
         if err:
             warnings.warn(f"tensormem: the {name} CPU kernels were not built ({err}); using the torch path (same results, slower)")
-            _C_LIBS[key] = None; return None
-    _C_LIBS[key] = lib = ctypes.CDLL(str(so))
+            _C_LIBS[name, source] = None; return None
+    _C_LIBS[name, source] = lib = ctypes.CDLL(str(so))
     return lib
 
 # %% ../nbs/00_core.ipynb #4928fdc4

@@ -380,7 +380,7 @@ def encode_into(self:HQMQ, x:torch.Tensor, # `[B, H, n, d_h]` K or V, validated 
         ctypes.c_int64(2**self.radius_bits - 1), ctypes.c_int(mode), ctypes.c_float(self.C), ctypes.c_int(int(self.sigma_outliers)),
         _c(v), _c(given), _c(j), ctypes.c_int(j.element_size()), _c(rq), _c(sigma), ctypes.c_int64(cap), ctypes.c_int64(t0),
         _c(m if mode == 1 else None), ctypes.c_int(torch.get_num_threads()))
-    return err == 0, None if m is None else m.bool()
+    return err == 0, None if m is None else m.view(torch.bool)
 
 # %% ../nbs/03_hqmq.ipynb #3c0d1e05
 @patch

@@ -126,3 +126,83 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match='`j`/`rq` must be'): kc.append_codes(*[t[:, :2] if t is not None and t.ndim > 2 else t for t in hq.encode(torch.randn(2, 3, 4, 64), 1, 'k')])
     empty_k, empty_v = HQMQCodes(hq, 0, 'k', 2, 3), HQMQCodes(hq, 0, 'v', 2, 3)
     with pytest.raises(ValueError, match='the cache is empty'): code_attention(q, empty_k, empty_v)
+
+
+# ---- the compiled CPU kernels (core.c_library): same codes, same attention as the torch forms ----
+from tensormem.core import c_library
+from tensormem.hqmq import HQMQ_ENCODE_C, radius_code
+from tensormem.ops.hqmq_codes import CODE_ATTENTION_C, compiled_code_attention
+needs_cc = pytest.mark.skipif(c_library('hqmq_encode', HQMQ_ENCODE_C) is None, reason='no C compiler: the torch path is the only path')
+
+
+def _torch_codes(hq, x, layer, role, valid=None):
+    "The torch steps of `HQMQ.encode` (the compiled encoder is bypassed)."
+    xc, r = hq.chunks(x); out, sigma = hq.scales(r, valid)
+    j, rq = hq.directions(xc, r, layer, role), radius_code(r, sigma, hq.radius_bits)
+    if out is not None: j, rq = j.masked_fill(out, 0), rq.masked_fill(out, 0)
+    return j, rq, sigma, out
+
+
+@needs_cc
+@settings(max_examples=12, deadline=None)
+@given(cfg=st.sampled_from([(96, 4, 'med_token'), (96, 4, None), (24, 2, 'med'), (48, 3, 'med_row'), (2048, 3, 'med_token'), (7, 1, None)]),
+       d=st.sampled_from([1, 5, 62, 64]), B=st.integers(1, 2), T=st.integers(1, 70), seed=st.integers(0, 50), pad=st.booleans())
+def test_compiled_encoder_gives_the_torch_codes(cfg, d, B, T, seed, pad):
+    "Every product and sum of the C encoder is ordered as in the torch steps: identical j, r_q, σ and outlier mask (S = 2048: int32 indices)."
+    S, b, mode = cfg
+    hq = HQMQ(S, b, 1, 2, d, outliers=mode, seed=seed)
+    x = synthetic_kv(B, 2, T, d, seed=seed)
+    valid = None
+    if pad: valid = torch.ones(B, T, dtype=torch.bool); valid[0, :T // 3] = False
+    assert hq.compiled(x)
+    j, rq, sigma, out, vals = hq.encode(x, 0, 'v', valid)
+    j0, rq0, s0, o0 = _torch_codes(hq, x, 0, 'v', valid)
+    assert torch.equal(j, j0) and torch.equal(rq, rq0) and torch.equal(sigma, s0)
+    assert (out is None and o0 is None) or torch.equal(out, o0)
+
+
+@needs_cc
+def test_compiled_encoder_on_real_scale_errors():
+    "σ beyond fp16 or below its normal range: the compiled path reports it and the torch steps raise their message."
+    hq = HQMQ(24, 3, 1, 1, 8)
+    with pytest.raises(ValueError, match='beyond the fp16 range'): hq.encode(torch.full((1, 1, 2, 8), 1e6), 0, 'k')
+    with pytest.raises(ValueError, match='below'): hq.encode(torch.full((1, 1, 2, 8), 1e-7), 0, 'k')
+    m = HQMQCodes(hq, 0, 'k', 1, 1)
+    with pytest.raises(ValueError, match='NaN'): m.encode_append(torch.full((1, 1, 2, 8), float('nan')))
+    assert m.T == 0
+
+
+@needs_cc
+@settings(max_examples=12, deadline=None)
+@given(cfg=st.sampled_from([(96, 4, 'med_token'), (24, 3, None), (2048, 2, 'med')]), d=st.sampled_from([6, 64]),
+       H=st.integers(1, 2), G=st.sampled_from([1, 2, 3, 5, 7]), T=st.integers(1, 600), ns=st.integers(0, 3),
+       firsts=st.lists(st.integers(0, 700), min_size=2, max_size=2), seed=st.integers(0, 30))
+def test_compiled_attention_equals_torch_form(cfg, d, H, G, T, ns, firsts, seed):
+    "The compiled decode step equals the torch form (float32 rounding) with GQA, padding masks, sinks and outliers."
+    S, b, mode = cfg; B = 2
+    hq = HQMQ(S, b, 1, H, d, outliers=mode, seed=seed)
+    kc, vc = HQMQCodes(hq, 0, 'k', B, H), HQMQCodes(hq, 0, 'v', B, H)
+    kc.encode_append(synthetic_kv(B, H, T, d, seed=seed)); vc.encode_append(synthetic_kv(B, H, T, d, seed=seed + 1))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H * G, d, generator=g)
+    sk, sv = (torch.randn(B, H, ns, d, generator=g), torch.randn(B, H, ns, d, generator=g)) if ns else (None, None)
+    first = torch.tensor(firsts)
+    o_t, l_t = code_attention(q, kc, vc, first=first, sink_k=sk, sink_v=sv, backend='torch')
+    o_c, l_c = code_attention(q, kc, vc, first=first, sink_k=sk, sink_v=sv, backend='c')
+    dead = torch.isinf(l_t)                               # every key of the row masked: both give 0 and −inf
+    assert torch.equal(dead, torch.isinf(l_c)) and float(o_c[dead].abs().sum()) == 0
+    live = ~dead
+    assert float((o_c - o_t).abs().max()) <= 2e-4 * float(o_t.abs().max().clamp_min(1))
+    if live.any(): assert float((l_c - l_t)[live].abs().max()) <= 2e-4 * float(l_t[live].abs().max().clamp_min(1))
+
+
+def test_torch_fallback_without_compiler(monkeypatch):
+    "TENSORMEM_NO_C: every caller takes its torch path (same codes), and asking for the compiled step says why it cannot."
+    hq = HQMQ(96, 4, 1, 3, 64, outliers='med_token'); x = synthetic_kv(1, 3, 20, 64, seed=2)
+    a = HQMQCodes(hq, 0, 'k', 1, 3).encode_append(x); v = HQMQCodes(hq, 0, 'v', 1, 3).encode_append(x)
+    monkeypatch.setenv('TENSORMEM_NO_C', '1')
+    assert not hq.compiled(x) and compiled_code_attention(torch.randn(1, 9, 64), a, v) is None
+    b = HQMQCodes(hq, 0, 'k', 1, 3).encode_append(x)
+    assert torch.equal(a.j[..., :20], b.j[..., :20]) and torch.equal(a.rq[..., :20], b.rq[..., :20]) and a.n_out == b.n_out
+    with pytest.raises(RuntimeError, match='compiled code attention is not available'): code_attention(torch.randn(1, 9, 64), a, v, backend='c')
+    assert code_attention(torch.randn(1, 9, 64), a, v)[0].shape == (1, 9, 64)

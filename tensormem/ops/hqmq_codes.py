@@ -125,17 +125,19 @@ def encode_append(self:HQMQCodes, x:Tensor, # K or V states `[B, H, n, d_h]` of 
     "Encode `x` and append its codes: compiled straight into the buffers on the CPU, else `HQMQ.encode` + `append_codes`."
     hq, (B, H, n, _) = self.hq, x.shape
     if not hq.compiled(x): return self.append_codes(*hq.encode(x, self.layer, self.role, valid))
-    check_kv(x, self.layer, self.role, hq.n_layers, hq.n_kv_heads, hq.head_dim); check_valid(valid, x)
+    check_kv(x, self.layer, self.role, hq.n_layers, hq.n_kv_heads, hq.head_dim, finite=False); check_valid(valid, x)   # NaN/Inf: the kernel reports it
     if (B, H) != (self.B, self.H): raise ValueError(f"`x` must be [{self.B}, {self.H}, n, {hq.head_dim}], got {tuple(x.shape)}")
     T, BH = self.T, B * H
     self.j, self.rq, self.sigma = _grown(self.j, 2, T + n), _grown(self.rq, 2, T + n), _grown(self.sigma, 1, T + n)
     ok, out = hq.encode_into(x, self.layer, self.role, valid, self.j, self.rq, self.sigma, T)
     if not ok: return self.append_codes(*hq.encode(x, self.layer, self.role, valid))   # raises the torch steps' error
-    if out is not None and bool(out.any()):
-        row, t, c = out.reshape(BH, n, hq.nc).nonzero().unbind(1); k, o = row.shape[0], self.n_out
+    nz = None if out is None else out.reshape(BH, n, hq.nc).nonzero()
+    if nz is not None and nz.shape[0]:
+        (row, t, c), k, o = nz.unbind(1), nz.shape[0], self.n_out
         self.orow, self.ot, self.oc, self.oval = [_grown(b, 0, o + k) for b in (self.orow, self.ot, self.oc, self.oval)]
         self.orow[o:o + k], self.ot[o:o + k], self.oc[o:o + k] = row, t + T, c
-        self.oval[o:o + k] = fp16_values(hq.chunks(x)[0].reshape(BH, n, hq.nc, 4)[row, t, c], 'outlier chunks'); self.n_out += k
+        xc = (x if x.shape[3] == 4 * hq.nc else F.pad(x, (0, 4 * hq.nc - x.shape[3]))).reshape(BH, n, hq.nc, 4)
+        self.oval[o:o + k] = fp16_values(xc[row, t, c].float(), 'outlier chunks'); self.n_out += k
     self.T = T + n
     return self
 
@@ -202,9 +204,11 @@ static inline __attribute__((always_inline)) void gather_block(int64_t n, const 
   }
 }
 
+static inline float h2f(uint16_t h) { _Float16 v; memcpy(&v, &h, 2); return (float)v; }
+
 /* Scores of one (batch row, KV head): s[g, t] = f · σ_t · Σ_c ⟨q_gc, r_tc C[j_tc]⟩ for t in [t0, T). */
 static inline __attribute__((always_inline)) void key_row(const int G, int64_t nc, int64_t t0, int64_t T, int64_t cap,
-    const float *restrict q, const char *kj, int jbytes, const uint8_t *restrict krq, const float *restrict sig,
+    const float *restrict q, const char *kj, int jbytes, const uint8_t *restrict krq, const uint16_t *restrict sig,
     const float *restrict C, float f, float *restrict s) {
   const int64_t D = 4 * nc;
   float w0[TB], w1[TB], w2[TB], w3[TB];
@@ -221,25 +225,23 @@ static inline __attribute__((always_inline)) void key_row(const int G, int64_t n
       }
     }
     for (int g = 0; g < G; g++) {
-      float *restrict sg = s + g * cap + b0; const float *restrict sm = sig + b0;
-      #pragma omp simd
-      for (int64_t t = 0; t < n; t++) sg[t] = sg[t] * (sm[t] * f);
+      float *restrict sg = s + g * cap + b0; const uint16_t *restrict sm = sig + b0;
+      for (int64_t t = 0; t < n; t++) sg[t] = sg[t] * (h2f(sm[t]) * f);
     }
   }
 }
 
 /* Output of one (batch row, KV head): o[g, 4c:4c+4] = f · Σ_t w_gt σ_t r_tc C[j_tc]. */
 static inline __attribute__((always_inline)) void value_row(const int G, int64_t nc, int64_t t0, int64_t T, int64_t cap,
-    const float *restrict w, const char *vj, int jbytes, const uint8_t *restrict vrq, const float *restrict sig,
+    const float *restrict w, const char *vj, int jbytes, const uint8_t *restrict vrq, const uint16_t *restrict sig,
     const float *restrict C, float f, float *restrict o) {
   const int64_t D = 4 * nc;
   float w0[TB], w1[TB], w2[TB], w3[TB], x[16][TB];
   for (int64_t b0 = t0; b0 < T; b0 += TB) {
     const int64_t n = T - b0 < TB ? T - b0 : TB;
     for (int g = 0; g < G; g++) {
-      const float *restrict wg = w + g * cap + b0, *restrict sm = sig + b0;
-      #pragma omp simd
-      for (int64_t t = 0; t < n; t++) x[g][t] = wg[t] * sm[t];
+      const float *restrict wg = w + g * cap + b0; const uint16_t *restrict sm = sig + b0;
+      for (int64_t t = 0; t < n; t++) x[g][t] = wg[t] * h2f(sm[t]);
     }
     for (int64_t c = 0; c < nc; c++) {
       gather_block(n, vj + (c * cap + b0) * jbytes, jbytes, vrq + c * cap + b0, C, w0, w1, w2, w3);
@@ -259,30 +261,33 @@ static inline __attribute__((always_inline)) void value_row(const int G, int64_t
   case 8: fn(8, __VA_ARGS__); break; default: fn(G, __VA_ARGS__); }
 
 /* One decode step of one layer on the code mirrors. Rows r = b·H + h with G query heads each; codes chunk-major
-   kj/vj [R, nc, cap] (jbytes 2 or 4), krq/vrq [R, nc, cap] uint8, σ ksg/vsg [R, T] fp32; codebooks CK/CV [H, NJ, 4];
-   q [R, G, 4nc] fp32 zero-padded; first [R] first attended position (NULL: 0); outliers (row, t, c, value fp32).
+   kj/vj [R, nc, cap] (jbytes 2 or 4), krq/vrq [R, nc, cap] uint8, σ ksg/vsg [R, cap] fp16; codebooks CK/CV [H, NJ, 4];
+   q [R, G, 4nc] fp32 zero-padded; first [R] first attended position (NULL: 0); outliers (row, t, c, value fp16).
    Writes out [R, G, 4nc] and lse [R, G] (−inf and 0 for a row with nothing attended); s [R, G, cap] is scratch. */
 int tm_code_attention(int64_t R, int64_t H, int64_t G, int64_t nc, int64_t T, int64_t cap, int64_t NJ,
     const float *q, float scale, float inv_qmax, int jbytes,
-    const char *kj, const uint8_t *krq, const float *ksg, const float *CK,
-    const char *vj, const uint8_t *vrq, const float *vsg, const float *CV, const int64_t *first,
-    int64_t nko, const int64_t *kor, const int64_t *kot, const int64_t *koc, const float *kov,
-    int64_t nvo, const int64_t *vor, const int64_t *vot, const int64_t *voc, const float *vov,
+    const char *kj, const uint8_t *krq, const uint16_t *ksg, const float *CK,
+    const char *vj, const uint8_t *vrq, const uint16_t *vsg, const float *CV, const int64_t *first,
+    int64_t nko, const int64_t *kor, const int64_t *kot, const int64_t *koc, const uint16_t *kov,
+    int64_t nvo, const int64_t *vor, const int64_t *vot, const int64_t *voc, const uint16_t *vov,
     float *out, float *lse, float *s, int nthreads) {
   if (G < 1 || G > 16) return 1;
   const int64_t D = 4 * nc;
   #define T0(r) (first ? (first[r] < 0 ? 0 : first[r] > T ? T : first[r]) : 0)
   #pragma omp parallel num_threads(nthreads)
   {
-    #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; r++)
-      BY_G(key_row, G, nc, T0(r), T, cap, q + r * G * D, kj + r * nc * cap * jbytes, jbytes, krq + r * nc * cap,
-           ksg + r * T, CK + (r % H) * NJ * 4, scale * inv_qmax, s + r * G * cap)
+    const int64_t nb = (T + TB - 1) / TB;             /* keys: (row, block) items, so two threads share even one row */
+    #pragma omp for schedule(static) collapse(2)
+    for (int64_t r = 0; r < R; r++) for (int64_t b = 0; b < nb; b++) {
+      const int64_t lo = T0(r) > b * TB ? T0(r) : b * TB, hi = (b + 1) * TB < T ? (b + 1) * TB : T;
+      if (lo < hi) BY_G(key_row, G, nc, lo, hi, cap, q + r * G * D, kj + r * nc * cap * jbytes, jbytes, krq + r * nc * cap,
+                        ksg + r * cap, CK + (r % H) * NJ * 4, scale * inv_qmax, s + r * G * cap)
+    }
     #pragma omp single
     for (int64_t i = 0; i < nko; i++) {                 /* outlier keys: exact ⟨q_c, x⟩ */
       const int64_t r = kor[i], t = kot[i], c = koc[i];
       if (t < T0(r) || t >= T) continue;
-      const float *v = kov + 4 * i;
+      const float v[4] = {h2f(kov[4 * i]), h2f(kov[4 * i + 1]), h2f(kov[4 * i + 2]), h2f(kov[4 * i + 3])};
       for (int64_t g = 0; g < G; g++) { const float *qq = q + (r * G + g) * D + 4 * c;
         s[(r * G + g) * cap + t] += scale * (qq[0]*v[0] + qq[1]*v[1] + qq[2]*v[2] + qq[3]*v[3]); }
     }
@@ -303,13 +308,13 @@ int tm_code_attention(int64_t R, int64_t H, int64_t G, int64_t nc, int64_t T, in
         lse[r * G + g] = m + logf(z);
       }
       if (t0 < T) BY_G(value_row, G, nc, t0, T, cap, s + r * G * cap, vj + r * nc * cap * jbytes, jbytes, vrq + r * nc * cap,
-                       vsg + r * T, CV + (r % H) * NJ * 4, inv_qmax, out + r * G * D)
+                       vsg + r * cap, CV + (r % H) * NJ * 4, inv_qmax, out + r * G * D)
     }
     #pragma omp single
     for (int64_t i = 0; i < nvo; i++) {                 /* outlier values: exact w_t x */
       const int64_t r = vor[i], t = vot[i], c = voc[i];
       if (t < T0(r) || t >= T) continue;
-      const float *v = vov + 4 * i;
+      const float v[4] = {h2f(vov[4 * i]), h2f(vov[4 * i + 1]), h2f(vov[4 * i + 2]), h2f(vov[4 * i + 3])};
       for (int64_t g = 0; g < G; g++) { const float w = s[(r * G + g) * cap + t]; float *oo = out + (r * G + g) * D + 4 * c;
         oo[0] += w * v[0]; oo[1] += w * v[1]; oo[2] += w * v[2]; oo[3] += w * v[3]; }
     }
@@ -329,10 +334,9 @@ def merge_lse(o1:Tensor, l1:Tensor, # output `[..., d]` and log-sum-exp `[...]` 
 
 def _ptr(t): return ctypes.c_void_p(t.data_ptr()) if t is not None else None
 
-def _outlier_args(m:HQMQCodes, keep:list) -> list:
-    "The outlier count and pointers to (row, t, c, fp32 value); `keep` holds the tensors alive until the call returns."
-    n = m.n_out; keep += [m.orow[:n].contiguous(), m.ot[:n].contiguous(), m.oc[:n].contiguous(), m.oval[:n].float().contiguous()]
-    return [ctypes.c_int64(n), *map(_ptr, keep[-4:])]
+def _outlier_args(m:HQMQCodes) -> list:
+    "The outlier count and pointers to the mirror's (row, t, c, fp16 value) arrays, read in place."
+    return [ctypes.c_int64(m.n_out), *map(_ptr, (m.orow, m.ot, m.oc, m.oval))]
 
 def compiled_code_attention(q:Tensor, # one query token `[B, H_q, d_h]`, checked by the caller
                             kc:HQMQCodes, vc:HQMQCodes, scaling:float|None=None,
@@ -342,17 +346,16 @@ def compiled_code_attention(q:Tensor, # one query token `[B, H_q, d_h]`, checked
     lib = c_library('code_attention', CODE_ATTENTION_C)
     if lib is None: return None
     (B, Hq, d), H, nc, T = q.shape, kc.H, kc.hq.nc, kc.T; G, R, cap = Hq // H, B * kc.H, kc.j.shape[2]
-    if G > 16 or vc.j.shape[2] != cap or vc.j.dtype != kc.j.dtype: return None
+    if G > 16 or vc.j.shape[2] != cap or vc.j.dtype != kc.j.dtype or vc.sigma.shape[1] != cap: return None
     q4 = F.pad(q.float(), (0, 4 * nc - d)).reshape(R, G, 4 * nc).contiguous()
     CK, CV = (m.hq.codebook(m.layer, m.role, 'cpu')[1].contiguous() for m in (kc, vc))
     fr = None if first is None else first.to(torch.int64).repeat_interleave(H).contiguous()
-    ks, vs = kc.sigma[:, :T].float(), vc.sigma[:, :T].float()
-    out, lse, s, keep = torch.empty(R, G, 4 * nc), torch.empty(R, G), torch.empty(R, G, cap), []
+    out, lse, s = torch.empty(R, G, 4 * nc), torch.empty(R, G), torch.empty(R, G, cap)
     lib.tm_code_attention(*map(ctypes.c_int64, (R, H, G, nc, T, cap, CK.shape[1])), _ptr(q4),
                           ctypes.c_float(1 / math.sqrt(d) if scaling is None else scaling), ctypes.c_float(1 / kc.qmax),
-                          ctypes.c_int(kc.j.element_size()), _ptr(kc.j), _ptr(kc.rq), _ptr(ks), _ptr(CK),
-                          _ptr(vc.j), _ptr(vc.rq), _ptr(vs), _ptr(CV), _ptr(fr),
-                          *_outlier_args(kc, keep), *_outlier_args(vc, keep), _ptr(out), _ptr(lse), _ptr(s), ctypes.c_int(torch.get_num_threads()))
+                          ctypes.c_int(kc.j.element_size()), _ptr(kc.j), _ptr(kc.rq), _ptr(kc.sigma), _ptr(CK),
+                          _ptr(vc.j), _ptr(vc.rq), _ptr(vc.sigma), _ptr(CV), _ptr(fr),
+                          *_outlier_args(kc), *_outlier_args(vc), _ptr(out), _ptr(lse), _ptr(s), ctypes.c_int(torch.get_num_threads()))
     return out[..., :d].reshape(B, Hq, d), lse.view(B, Hq)
 
 # %% ../../nbs/10c_ops_hqmq_codes.ipynb #34de823d
