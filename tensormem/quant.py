@@ -195,9 +195,9 @@ def unpack_bits(packed:torch.Tensor, # `[..., nbytes]` uint8 from `pack_bits`
 # %% ../nbs/02_quant.ipynb #2167b82e
 def chunk_norms(xc:torch.Tensor # `[..., 4]` chunks
                ) -> torch.Tensor: # `[...]` float32 norms
-    "Chunk norms, written elementwise so a chunk's norm never depends on the rest of the batch."
+    "Chunk norms, written elementwise so a chunk's norm never depends on the rest of the batch; the square root correctly rounded."
     a, b, c, d = xc.float().unbind(-1)
-    return (a*a + b*b + c*c + d*d).sqrt()
+    return (a*a + b*b + c*c + d*d).double().sqrt().float()   # torch's float32 sqrt can be 1 ulp off; via float64 it is exact
 
 # %% ../nbs/02_quant.ipynb #e3435b75
 OUTLIER_MODES = ('med', 'med_row', 'med_token')

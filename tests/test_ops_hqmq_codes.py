@@ -157,8 +157,19 @@ def test_compiled_encoder_gives_the_torch_codes(cfg, d, B, T, seed, pad):
     assert hq.compiled(x)
     j, rq, sigma, out, vals = hq.encode(x, 0, 'v', valid)
     j0, rq0, s0, o0 = _torch_codes(hq, x, 0, 'v', valid)
-    assert torch.equal(j, j0) and torch.equal(rq, rq0) and torch.equal(sigma, s0)
-    assert (out is None and o0 is None) or torch.equal(out, o0)
+    assert torch.equal(rq, rq0) and torch.equal(sigma, s0) and ((out is None and o0 is None) or torch.equal(out, o0))
+    assert_same_directions(hq, x, j, j0, 0, 'v')
+
+
+def assert_same_directions(hq, x, j, j0, layer, role):
+    "Equal joint indices, except a float32 tie: two codewords whose cosines to the direction agree to 1e-6 (the torch search is a matrix product, rounded differently)."
+    diff = (j != j0).nonzero()
+    if not len(diff): return
+    from tensormem.hqmq import joint_codebook
+    J = joint_codebook(hq.codebook(layer, role, 'cpu')[0].double()); xc, r = hq.chunks(x)
+    b, h, t, c = diff.unbind(1); u = xc[b, h, t, c].double() / r[b, h, t, c].double()[:, None]
+    gap = ((u * J[h, j[b, h, t, c]]).sum(-1) - (u * J[h, j0[b, h, t, c]]).sum(-1)).abs()
+    assert len(diff) <= max(1, j.numel() // 10_000) and float(gap.max()) < 1e-6, (len(diff), float(gap.max()))
 
 
 @needs_cc
