@@ -447,6 +447,8 @@ class FusedHQMQCache(QuantizedKVCache):
         if not isinstance(hq, HQMQ): raise TypeError(f"`hq` must be an HQMQ quantizer (the fused kernel decodes its layout), got {type(hq).__name__}")
         super().__init__(config, hq, sink_tokens, fp_layers)
         self.backend, self.block = backend, block
-        self.layers = [l if l.full_precision else FusedHQMQLayer(hq, i, sink_tokens, backend, block) for i, l in enumerate(self.layers)]
+        # sliding-window layers (Gemma 3) keep `QuantizedKVCache`'s sliding layer: they hold at most W − 1 tokens, decoded per step
+        self.layers = [l if l.full_precision or getattr(l, 'is_sliding', False) else FusedHQMQLayer(hq, i, sink_tokens, backend, block)
+                       for i, l in enumerate(self.layers)]
 
     def __repr__(self): return f"FusedHQMQCache({self.quantizer!r}, sink_tokens={self.sink_tokens}, fp_layers={self.fp_layers}, backend={self.backend!r})"

@@ -243,3 +243,22 @@ def test_select_rows_moves_bytes():
     mc = HQMQCodes(hq, 0, 'k', 3, 2).append(hq.quantize(x, 0, 'k'))
     assert torch.equal(_codes_rows(mc, idx).dequantize(), hq.dequantize(hq.quantize(x[idx], 0, 'k')))
     assert torch.equal(_codes_head(mc, 11).dequantize(), hq.dequantize(hq.quantize(x[:, :, :11], 0, 'k')))
+
+
+def test_sliding_window_layers_keep_the_window():
+    "Gemma 3's sliding layers: FusedHQMQCache keeps QuantizedKVCache's sliding layer there (fused on the full layers) and"
+    " generates exactly what QuantizedKVCache generates with the same quantizer, beyond the window."
+    pytest.importorskip('transformers')
+    from tensormem.hf_cache import tiny_gemma3, QuantizedKVCache, QuantizedSlidingKVLayer
+    from tensormem.fused import FusedHQMQCache, FusedHQMQLayer, enable_fused_hqmq
+    from tensormem.hqmq import HQMQ
+    model = tiny_gemma3(sliding_window=6, layers=4, pattern=2)
+    cfg = model.config; hq = HQMQ(24, 4, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, outliers='med_token')
+    fc = FusedHQMQCache(cfg, hq)
+    kinds = [type(l).__name__ for l in fc.layers]
+    assert kinds == ['QuantizedSlidingKVLayer', 'FusedHQMQLayer'] * 2, kinds
+    ids = torch.randint(1, 64, (1, 9), generator=torch.Generator().manual_seed(0))   # no pad token (0) inside the prompt
+    gen = dict(max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    ref = model.generate(ids, past_key_values=QuantizedKVCache(cfg, hq), **gen)
+    out = enable_fused_hqmq(model).generate(ids, past_key_values=FusedHQMQCache(cfg, hq), **gen)
+    assert torch.equal(out, ref)
