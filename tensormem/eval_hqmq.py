@@ -4,25 +4,26 @@
 
 # %% ../nbs/09_hqmq_eval.ipynb #e8d15378
 from __future__ import annotations
-import argparse, math, statistics, time
+import argparse, math, re, statistics, time
 from dataclasses import dataclass, field
 from typing import Callable
 import torch
 import torch.nn.functional as F
 from .core import UsageError
-from .hf_cache import QuantizedKVCache, CastQuantizer, load_smollm2
+from .hf_cache import QuantizedKVCache, CastQuantizer, load_model, MODELS
 from .perplexity import jargon_text, token_stream, windows, perplexity, PPLResult
 from .hqmq import HQMQ
 from .baselines import NaiveInt, KIVI, TurboQuantLike
 from .quant import FAMILY_STYLE, MED3_SUFFIX
-from .hqmq_plus import RotatedHQMQ, LayerwiseQuantizer, NoiseQuantizer
+from .hqmq_plus import RotatedHQMQ, LayerwiseQuantizer, NoiseQuantizer, CenteredQuantizer
 
 # %% auto #0
 __all__ = ['HQMQ_PLUS_K', 'HQMQ_PLUS_V', 'HQMQ_PLUS_RICH', 'Method', 'geometry', 'hqmq_method', 'paper_methods',
            'hqmq_plus_method', 'hqmq_plus_ablation', 'outlier_fraction', 'claimed_bits', 'chunked_perplexity',
            'evaluate_method', 'evaluate_model', 'format_table', 'gap_interval', 'interval_table', 'target_verdict',
            'dominated_by', 'target_report', 'pareto_plot', 'kv_relmse', 'noise_methods', 'relmse_at_gap', 'noise_plot',
-           'seed_spread', 'greedy_agreement', 'decode_speed', 'parser', 'parse_options', 'main']
+           'text_windows', 'seed_spread', 'greedy_agreement', 'decode_speed', 'parser', 'named_hqmq', 'parse_options',
+           'main']
 
 # %% ../nbs/09_hqmq_eval.ipynb #cacf97a5
 @dataclass
@@ -67,23 +68,26 @@ def hqmq_plus_method(seed:int=42, # HQMQ codebook seed
                      k:tuple=HQMQ_PLUS_K, v:tuple=HQMQ_PLUS_V, # (S, b_r) of keys and of values
                      rich:tuple|None=None, rich_pairs=HQMQ_PLUS_RICH, # (S, b_r) of the rich pairs (None: an fp16 store); the pairs
                      recent_tokens:int=0, chunk:int|None=None, # the cache's fp16 window and the harness's tokens per forward
+                     center:bool=False, # centre the keys of each write (`CenteredQuantizer`)
                      name:str='hqmq+') -> Method:
-    "HQMQ+ [ours]: (rotated) HQMQ per role, `rich` on the sensitive (layer, role) pairs (outside the model: ignored), an optional fp16 window."
+    "HQMQ+ [ours]: (rotated) HQMQ per role, `rich` on the sensitive (layer, role) pairs (outside the model: ignored), optionally centred keys and an fp16 window."
     def make(cfg):
         L, H, d = geometry(cfg); wrap = (lambda q: q) if rot_seed is None else (lambda q: RotatedHQMQ(q, rot_seed))
         qk = wrap(HQMQ(*k, L, H, d, seed=seed)); qv = qk if v == k else wrap(HQMQ(*v, L, H, d, seed=seed))
         qr = CastQuantizer(torch.float16) if rich is None else wrap(HQMQ(*rich, L, H, d, seed=seed))
-        return LayerwiseQuantizer({(l, r): qr if (l, r) in rich_pairs else (qk if r == 'k' else qv) for l in range(L) for r in 'kv'}, L, name)
+        q = LayerwiseQuantizer({(l, r): qr if (l, r) in rich_pairs else (qk if r == 'k' else qv) for l in range(L) for r in 'kv'}, L, name)
+        return CenteredQuantizer(q, 'k', name=name) if center else q
     return Method(name, 'HQMQ+', make, dict(recent_tokens=recent_tokens) if recent_tokens else {}, chunk)
 
 # %% ../nbs/09_hqmq_eval.ipynb #50411864
 def hqmq_plus_ablation(seed:int=42) -> list[Method]:
-    "Each HQMQ+ addition alone (rotation on s192r6; S = 768 rotated without the fp16 pairs; the bits without rotation; a 32-token fp16 window on s192r6, chunks of 16), and all."
+    "Each HQMQ+ addition alone (rotation on s192r6; S = 768 rotated without the fp16 pairs; the bits without rotation; a 32-token fp16 window on s192r6, chunks of 16), all, and all with centred keys (`hqmq+c`)."
     return [hqmq_plus_method(seed, k=(192, 6), v=(192, 6), rich_pairs=(), name='s192r6+rot'),
             hqmq_plus_method(seed, rich_pairs=(), name='s768r5+rot'),
             hqmq_plus_method(seed, rot_seed=None, name='hqmq+ norot'),
             hqmq_plus_method(seed, rot_seed=None, k=(192, 6), v=(192, 6), rich_pairs=(), recent_tokens=32, chunk=16, name='s192r6+win32'),
-            hqmq_plus_method(seed, recent_tokens=32, chunk=16, name='hqmq+ +win32')]
+            hqmq_plus_method(seed, recent_tokens=32, chunk=16, name='hqmq+ +win32'),
+            hqmq_plus_method(seed, center=True, name='hqmq+c')]
 
 # %% ../nbs/09_hqmq_eval.ipynb #9ff0545f
 def outlier_fraction(cache:QuantizedKVCache) -> tuple[int, int]:
@@ -295,6 +299,17 @@ def noise_plot(rows:list[dict], # rows with `relmse` and `gap`: methods and `noi
     ax.set_xlabel('K/V relative MSE'); ax.set_ylabel('perplexity gap to fp16 (%)'); ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2); ax.grid(alpha=.3, which='both'); return fig
 
+# %% ../nbs/09_hqmq_eval.ipynb #604c2222
+def text_windows(tok, # the model's tokenizer (from `load_model`)
+                 length:int, n:int|None=None, # tokens per window (BOS included), number of windows (None: all)
+                 text:str|None=None # the text (None: the Jargon File)
+                ) -> torch.Tensor: # `[n, length]` token ids
+    "Non-overlapping windows of the text's token stream, each starting with `<bos>` when the tokenizer adds one."
+    stream = token_stream(tok, text if text is not None else jargon_text())
+    if not getattr(tok, 'add_bos_token', False) or tok.bos_token_id is None: return windows(stream, length, n)
+    w = windows(stream, length - 1, n)
+    return torch.cat([w.new_full((len(w), 1), tok.bos_token_id), w], 1)
+
 # %% ../nbs/09_hqmq_eval.ipynb #a3bcd514
 def seed_spread(model, wins:torch.Tensor, # the LM and windows `[N, L]`
                 configs=((24, 3, None), (96, 4, None), (192, 6, 'med')), # (S, b_r, outliers) triples
@@ -338,43 +353,55 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     "The options of `tensormem eval hqmq`; a bad option raises `UsageError`."
-    ap = _Parser(prog='tensormem eval hqmq', allow_abbrev=False, description='Evaluate HQMQ and its peers on SmolLM2-135M + the Jargon File: table and Pareto plot.')
+    ap = _Parser(prog='tensormem eval hqmq', allow_abbrev=False, description='Evaluate HQMQ and its peers on a small LM (SmolLM2-135M by default) + the Jargon File: table and Pareto plot.')
     for flag, typ, default, help in (('--windows', int, 2, 'number of non-overlapping windows (paper: 50), ≥ 1'),
             ('--length', int, 256, 'tokens per window (paper: 2048), ≥ 2'), ('--methods', str, '', 'comma-separated method names (default: all; see --list)'),
             ('--seed', int, 42, 'HQMQ codebook / rotation seed'), ('--sinks', int, 0, 'first tokens kept unquantized'),
             ('--device', str, None, 'cpu / cuda (default: cuda if available)'), ('--threads', int, None, 'torch CPU threads (1 is fastest on a crowded machine)'),
             ('--out', str, 'hqmq_pareto.png', 'where to write the Pareto plot')): ap.add_argument(flag, type=typ, default=default, help=help)
+    ap.add_argument('--model', default='smollm2', help=f"the model, one of {', '.join(MODELS)}")
     ap.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'], help='model weights dtype')
     ap.add_argument('--list', action='store_true', help='list the method names and exit'); ap.add_argument('--quiet', action='store_true', help='no progress bar')
     return ap
 
 # %% ../nbs/09_hqmq_eval.ipynb #533ddd88
+def named_hqmq(name:str, seed:int=42) -> Method|None:
+    "An HQMQ row from its name `s{S}r{b_r}` with an optional `+med`, `+med_row` or `+med_token`, or None if the name is not of that form."
+    if not (m := re.fullmatch(r's(\d+)r(\d+)(?:\+(med|med_row|med_token))?', name)): return None
+    HQMQ(int(m[1]), int(m[2]), 1, 1, 4, outliers=m[3])                 # checks S, b_r now (a ValueError names the argument)
+    return hqmq_method(int(m[1]), int(m[2]), m[3], seed=seed)
+
 def parse_options(argv:list[str]|None) -> tuple[argparse.Namespace, list[Method]]:
-    "Parse and check the options; resolve `--methods` against `paper_methods`, `hqmq+` and its ablation rows (a `UsageError` names what is wrong)."
+    "Parse and check the options; resolve `--methods` against `paper_methods`, `hqmq+` and its ablation rows, or any HQMQ name (a `UsageError` names what is wrong)."
     ap = parser(); a = ap.parse_args(argv)
     for v, flag, lo in ((a.windows, '--windows', 1), (a.length, '--length', 2), (a.sinks, '--sinks', 0), (a.seed, '--seed', 0), (a.threads or 1, '--threads', 1)):
         if v < lo: ap.error(f"{flag} must be ≥ {lo}, got {v}")
+    if a.model not in MODELS: ap.error(f"--model must be one of {list(MODELS)}, got {a.model!r}")
     ms = paper_methods(a.seed) + [hqmq_plus_method(seed=a.seed)]; extra = {m.name: m for m in hqmq_plus_ablation(a.seed)}
     if a.methods:
         want = [s.strip() for s in a.methods.split(',') if s.strip()]; names = {**extra, **{m.name: m for m in ms}}
-        if bad := [w for w in want if w not in names]: ap.error(f"unknown method(s) {bad}; choose from {list(names)}")
+        try: names |= {w: m for w in want if w not in names and (m := named_hqmq(w, a.seed))}
+        except ValueError as e: ap.error(f"--methods: {e}")
+        if bad := [w for w in want if w not in names]: ap.error(f"unknown method(s) {bad}; choose from {list(names)} or any s{{S}}r{{b}}[+med|+med_row|+med_token]")
         ms = [names[w] for w in want]
     return a, ms
 
 # %% ../nbs/09_hqmq_eval.ipynb #f5c07262
 def main(argv:list[str]|None=None # command-line arguments (None: `sys.argv[1:]`)
         ) -> int:
-    "`tensormem eval hqmq`: evaluate HQMQ and its peers on SmolLM2-135M + the Jargon File; print the table, write the plot."
+    "`tensormem eval hqmq`: evaluate HQMQ and its peers on a small LM (`--model`) + the Jargon File; print the table, write the plot."
     a, ms = parse_options(argv)
     if a.list: print('\n'.join(m.name for m in ms)); return 0
     if a.threads: torch.set_num_threads(a.threads)
-    model, tok = load_smollm2(getattr(torch, a.dtype), a.device)
-    wins = windows(token_stream(tok, jargon_text()), a.length, a.windows)
+    model, tok = load_model(a.model, getattr(torch, a.dtype), a.device); label = MODELS[a.model][0]
+    if a.sinks and 'sliding_attention' in (getattr(model.config, 'layer_types', None) or []):
+        raise UsageError(f"--sinks must be 0 with --model {a.model}: its sliding-window layers keep no sinks")
+    wins = text_windows(tok, a.length, a.windows)
     t0 = time.perf_counter(); rows = evaluate_model(model, wins, ms, progress=not a.quiet, sink_tokens=a.sinks)
-    print(f"SmolLM2-135M-Instruct ({a.dtype}, {model.device}), Jargon File: {a.windows} windows × {a.length} tokens, "
-          f"sinks {a.sinks}, {time.perf_counter()-t0:.0f} s\n")
+    print(f"{label} ({a.dtype}, {model.device}), Jargon File: {a.windows} windows × {a.length} tokens"
+          f"{' (<bos> first)' if getattr(tok, 'add_bos_token', False) else ''}, sinks {a.sinks}, {time.perf_counter()-t0:.0f} s\n")
     print(interval_table(rows)); print(); print(target_report(rows))
     import matplotlib.pyplot as plt
-    fig = pareto_plot(rows, f"SmolLM2-135M, Jargon File, {a.windows} × {a.length} tokens")
+    fig = pareto_plot(rows, f"{label}, Jargon File, {a.windows} × {a.length} tokens")
     fig.savefig(a.out, dpi=120, bbox_inches='tight'); plt.close(fig); print(f"\nwrote {a.out}")
     return 0

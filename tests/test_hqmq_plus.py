@@ -1,7 +1,8 @@
-import dataclasses, pytest, torch
+import dataclasses, math, pytest, torch
+from hypothesis import given, strategies as st
 pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
 from tensormem.hqmq import HQMQ, HQMQPacked
-from tensormem.hqmq_plus import RotatedHQMQ, LayerwiseQuantizer, NoiseQuantizer, allocate
+from tensormem.hqmq_plus import RotatedHQMQ, LayerwiseQuantizer, NoiseQuantizer, allocate, water_filling, head_moments, gaussian_relmse, rate_for_relmse
 from tensormem.baselines import random_rotation
 from tensormem.hf_cache import CastQuantizer
 from tensormem.quant import synthetic_kv
@@ -63,3 +64,104 @@ def test_noise_quantizer_relmse_seeded():
     assert nq.bits_per_element(64)['true'] == 32. and nq.family == 'noise (yardstick)'
     with pytest.raises(ValueError, match='`rel`'): NoiseQuantizer(float('nan'))
     with pytest.raises(TypeError, match='`p` must be a CastPacked'): nq.dequantize(HQMQ(24, 3, 1, 2, 64).quantize(kv(1), 0, 'k'))
+
+# ---------------------------------------------------------------------------------------------- rate–distortion yardsticks
+def wf_bisect(lam, R, iters=200):
+    "Reference: bisection on the water level θ, where R = (1/n) Σ max(0, ½ log₂(λ/θ)) and D = (1/n) Σ min(θ, λ)."
+    n = len(lam); rate = lambda th: sum(max(0., .5 * math.log2(l / th)) for l in lam if l > 0) / n
+    lo, hi = 1e-300, max(lam)
+    if hi == 0: return 0.
+    for _ in range(iters): mid = math.sqrt(lo * hi); lo, hi = (mid, hi) if rate(mid) > R else (lo, mid)
+    return sum(min(math.sqrt(lo * hi), l) for l in lam) / n
+
+def test_water_filling_closed_forms():
+    "Equal eigenvalues σ²: D = σ²·2^(−2R). Eigenvalues (4, 1) by hand: R = 1/4 → θ = 2, D = 1.5; R = 1/2 → θ = 1, D = 1; R = 2 → θ = 1/8, D = 1/8; R = 0 → the mean, 2.5."
+    for s2 in (.5, 2., 7.):
+        for R in (.1, 1., 3., 5.3, 7.):
+            assert abs(water_filling(torch.full((64,), s2), R).item() - s2 * 2 ** (-2 * R)) <= 1e-12 * s2
+    for R, D in ((.25, 1.5), (.5, 1.), (2., .125), (0., 2.5)):
+        assert abs(water_filling(torch.tensor([4., 1.]), R).item() - D) < 1e-12
+        assert abs(water_filling(torch.tensor([1., 4.]), R).item() - D) < 1e-12      # order does not matter
+    out = water_filling(torch.tensor([[4., 1.], [2., 2.], [0., 0.]]), 2.)
+    assert out.dtype == torch.float64 and out.shape == (3,) and torch.allclose(out, torch.tensor([.125, 2 / 16, 0.], dtype=torch.float64))
+
+@given(st.lists(st.one_of(st.just(0.), st.floats(1e-6, 1e3)), min_size=1, max_size=16), st.floats(0., 8.))
+def test_water_filling_matches_bisection_and_falls_with_rate(lam, R):
+    d = water_filling(torch.tensor(lam, dtype=torch.float64), R).item()
+    assert abs(d - wf_bisect(lam, R)) <= 1e-9 * (wf_bisect(lam, R) + 1e-12)
+    assert water_filling(torch.tensor(lam, dtype=torch.float64), R + .5).item() <= d * (1 + 1e-12)
+    assert d <= sum(lam) / len(lam) * (1 + 1e-12)
+
+def test_water_filling_bad_inputs():
+    with pytest.raises(ValueError, match='`eigs` must be ≥ 0'): water_filling(torch.tensor([1., -1.]), 1.)
+    with pytest.raises(ValueError, match='`eigs` contains NaN'): water_filling(torch.tensor([1., float('nan')]), 1.)
+    with pytest.raises(ValueError, match='`eigs` must have a last dim ≥ 1'): water_filling(torch.ones(0), 1.)
+    with pytest.raises(TypeError, match='`eigs` must be a floating tensor'): water_filling(torch.ones(3, dtype=torch.long), 1.)
+    with pytest.raises(TypeError, match='`eigs` must be a torch.Tensor'): water_filling([1., 2.], 1.)
+    for R in (-1., float('inf'), float('nan'), True, '3'):
+        with pytest.raises(ValueError, match='`R` must be a finite number ≥ 0'): water_filling(torch.ones(3), R)
+
+def test_head_moments_gaussian_relmse_and_rate():
+    "E‖x‖² = tr Σ + ‖μ‖²; a known covariance comes back; equal eigenvalues give relMSE 2^(−2R) and the rate −½ log₂(target)."
+    sd = torch.tensor([3., 1., .5, .1], dtype=torch.float64); mu = torch.tensor([1., 0., 0., 2.], dtype=torch.float64)
+    x = mu + sd * torch.randn(2, 3, 4000, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    e, en = head_moments(x.float())
+    assert e.shape == (3, 4) and en.shape == (3,) and e.dtype == en.dtype == torch.float64 and (e >= 0).all()
+    assert torch.allclose(e, (sd ** 2).flip(0).expand(3, 4), rtol=0.1, atol=1e-3)
+    z = x.transpose(0, 1).flatten(1, 2)
+    assert torch.allclose(en, e.sum(-1) + z.mean(1).pow(2).sum(-1), rtol=1e-6)
+    eu, enu = head_moments(x, center=False)
+    assert torch.allclose(eu.sum(-1), enu, rtol=1e-9) and torch.allclose(enu, en, rtol=1e-6)        # tr E[x xᵀ] = E‖x‖²
+    assert (eu.sum(-1) > e.sum(-1) + 4).all()                                                          # E[x xᵀ] holds the mean (‖μ‖² = 5) too
+    flat = torch.full((6, 64), 3., dtype=torch.float64)
+    for R in (3., 5.3, 7.): assert abs(gaussian_relmse(flat, flat.sum(-1), R) - 2 ** (-2 * R)) < 1e-15
+    assert abs(rate_for_relmse(flat, flat.sum(-1), 8e-4) + .5 * math.log2(8e-4)) < 1e-9
+    two = torch.tensor([[1., 4.], [2., 2.]], dtype=torch.float64)              # two heads, no mean: Σ err² = 2·(D₁ + D₂)
+    assert abs(gaussian_relmse(two, two.sum(-1), 2.) - 2 * (.125 + 2 / 16) / 9) < 1e-15
+    r = rate_for_relmse(two, two.sum(-1), 1e-3); assert abs(gaussian_relmse(two, two.sum(-1), r) - 1e-3) < 1e-9
+    with pytest.raises(ValueError, match='`x` must have 4 dims'): head_moments(torch.ones(3, 64))
+    with pytest.raises(ValueError, match=r'`energy` must have shape \(6,\)'): gaussian_relmse(flat, torch.ones(5), 3.)
+    with pytest.raises(ValueError, match='`target` must be a relative MSE in'): rate_for_relmse(flat, flat.sum(-1), 1.)
+    with pytest.raises(ValueError, match='`energy` must be ≥ 0 with a positive sum'): gaussian_relmse(flat, -flat.sum(-1), 3.)
+    with pytest.raises(ValueError, match='raise `hi`'): rate_for_relmse(flat, flat.sum(-1), 1e-30, hi=8.)
+
+
+# ---- centred keys ----
+from tensormem.hqmq_plus import CenteredQuantizer, CenteredPacked
+
+
+def test_centered_round_trip_bytes_and_padding():
+    "x̂ = inner decode of (x − c) + c; bytes = inner + fp16 centres; padding never moves a row's centre; short writes uncentred."
+    from tensormem.hqmq import HQMQ
+    from tensormem.quant import synthetic_kv
+    hq = HQMQ(96, 4, 2, 3, 64, seed=1); cq = CenteredQuantizer(hq, min_tokens=8)
+    x = synthetic_kv(2, 3, 30, 64, seed=0) + 2.
+    p = cq.quantize(x, 1, 'k')
+    assert isinstance(p, CenteredPacked) and p.center.dtype == torch.float16 and p.center.shape == (2, 3, 1, 64)
+    assert p.nbytes == p.inner.nbytes + 2 * 3 * 64 * 2
+    torch.testing.assert_close(cq.dequantize(p), hq.dequantize(p.inner).float() + p.center.float())
+    err = lambda q: float(((q.fake_quant(x, 1, 'k') - x) ** 2).sum())
+    assert err(cq) < err(hq)
+    valid = torch.ones(2, 30, dtype=torch.bool); valid[0, :6] = False
+    xb = x.clone(); xb[0, :, :6] = -50.
+    assert torch.equal(cq.quantize(xb, 1, 'k', valid).center[1], p.center[1])
+    assert torch.equal(cq.quantize(xb, 1, 'k', valid).center[0], cq.quantize(x[:1, :, 6:], 1, 'k').center[0])
+    assert cq.quantize(x[:, :, :7], 1, 'k').center is None and cq.quantize(x, 1, 'v').center is None
+    with pytest.raises(ValueError, match="`roles` must be"): CenteredQuantizer(hq, roles='x')
+    with pytest.raises(TypeError): cq.dequantize(hq.quantize(x, 1, 'k'))
+
+
+def test_centered_in_a_cache_generates():
+    "In QuantizedKVCache each write keeps its own centre (a list of pieces); generation runs and the cache counts the centres' bytes."
+    pytest.importorskip('transformers')
+    from tensormem.hf_cache import tiny_llama, QuantizedKVCache
+    from tensormem.hqmq import HQMQ
+    model = tiny_llama(); cfg = model.config
+    hq = HQMQ(24, 4, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    cq = CenteredQuantizer(hq, min_tokens=4)
+    ids = torch.randint(1, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    c = QuantizedKVCache(cfg, cq)
+    out = model.generate(ids, past_key_values=c, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 17)
+    lay = c.layers[0]
+    assert lay.packed['k'][0].center is not None and all(p.center is None for p in lay.packed['k'][1:])   # prefill centred, decode writes not
