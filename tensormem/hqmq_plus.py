@@ -12,7 +12,7 @@ from .core import check_int, check_tensor
 from .quant import KVQuantizer, ROLES, Packed, check_kv, check_valid, check_fraction, fp16_values
 from .hqmq import HQMQ, HQMQPacked
 from .baselines import random_rotation
-from .hf_cache import CastPacked, CastQuantizer, QuantizedKVCache, check_quantizer
+from .hf_cache import CastPacked, CastQuantizer, QuantizedKVCache, check_quantizer, packed_select, packed_head, packed_tail
 
 # %% auto #0
 __all__ = ['RotatedHQMQ', 'LayerwiseQuantizer', 'sensitivity', 'allocate', 'NoiseQuantizer', 'water_filling', 'head_moments',
@@ -237,6 +237,12 @@ class CenteredPacked(Packed):
     def outliers(self): return getattr(self.inner, 'outliers', None)
     def to(self, device) -> 'CenteredPacked':
         return dataclasses.replace(self, inner=self.inner.to(device), center=None if self.center is None else self.center.to(device))
+    def _with(self, inner, center) -> 'CenteredPacked':
+        return dataclasses.replace(self, shape=tuple(inner.shape), inner=inner, center=center)
+    # what a cache does to a write (beam search, crop, a sliding window): the residual is cut, the centre kept
+    def select_batch(self, idx): return self._with(packed_select(self.inner, idx), None if self.center is None else self.center[idx.to(self.center.device)])
+    def head(self, n:int): return self._with(packed_head(self.inner, n), self.center)
+    def tail(self, n:int): return self._with(packed_tail(self.inner, n), self.center)
 
 class CenteredQuantizer(KVQuantizer):
     "Code x − c with any quantizer, c the write's mean vector per (row, KV head) over real tokens, kept in fp16 [ours]."

@@ -165,3 +165,21 @@ def test_centered_in_a_cache_generates():
     assert out.shape == (1, 17)
     lay = c.layers[0]
     assert lay.packed['k'][0].center is not None and all(p.center is None for p in lay.packed['k'][1:])   # prefill centred, decode writes not
+
+
+def test_centered_with_sliding_window_beam_and_crop():
+    "A sliding-window layer cuts the oldest tokens of a centred write (the centre stays); beam rows and crop work through the same protocol."
+    pytest.importorskip('transformers')
+    from tensormem.hf_cache import tiny_gemma3, QuantizedKVCache, packed_tail, packed_head, packed_select
+    from tensormem.hqmq import HQMQ
+    model = tiny_gemma3(sliding_window=6, layers=2, pattern=2); cfg = model.config
+    cq = CenteredQuantizer(HQMQ(24, 4, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim), min_tokens=4)
+    ids = torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, past_key_values=QuantizedKVCache(cfg, cq), max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=2)
+    assert out.shape == (2, 16)
+    from tensormem.quant import synthetic_kv
+    x = synthetic_kv(2, cfg.num_key_value_heads, 10, cfg.head_dim, seed=0); p = cq.quantize(x, 0, 'k')
+    t, h, s = packed_tail(p, 4), packed_head(p, 3), packed_select(p, torch.tensor([1, 1]))
+    assert t.shape[2] == 4 and h.shape[2] == 3 and s.shape[0] == 2
+    torch.testing.assert_close(cq.dequantize(t), cq.dequantize(p)[:, :, 6:]); torch.testing.assert_close(cq.dequantize(h), cq.dequantize(p)[:, :, :3])
+    torch.testing.assert_close(cq.dequantize(s), cq.dequantize(p)[[1, 1]])
