@@ -4,7 +4,10 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 from tensormem.toys import (VELOCITIES, ball_paths, render_balls, quadrant, occlusion_task, map_task, binding_task, counter_task,
                             digit_images, moving_digits_task, ToyNet, SlotMemory, KINDS, make_backbone, match_width, n_params,
-                            TASKS, train_toy, evaluate, memory_gates, memory_share, run_suite, summarize, results_table, cond_name)
+                            TASKS, train_toy, evaluate, memory_gates, memory_share, run_suite, summarize, results_table, cond_name,
+                            stream_occlusion_task, revisit_task, stream_binding_task, window_recall_task, attention_reach,
+                            MEMORY_SUITE, SUITE_WINDOW, SUITE_STEPS, suite_kw, main)
+from tensormem.core import UsageError
 
 FAST = settings(max_examples=8, deadline=None)
 
@@ -83,6 +86,16 @@ BAD_INTS = [
     (lambda v: train_toy(_tiny(), TASKS['counter'], steps=1, bs=2, eval_n=2, seed=v), '`seed` must be an int ≥ 0', (True, 1.5, -1)),
     (lambda v: evaluate(_tiny(), TASKS['counter'], n=v), '`n` must be an int ≥ 1', (True, 0)),
     (lambda v: run_suite(TASKS['counter'], kinds=('base',), seeds=(v,), steps=1, bs=2, eval_n=2, verbose=False), '`seeds` must be an int ≥ 0', (True, 0.0, -1)),
+    (lambda v: run_suite(TASKS['counter'], kinds=('base',), steps=1, bs=2, eval_n=2, verbose=False, workers=v), '`workers` must be an int ≥ 1', (True, 2.0, 0)),
+    (lambda v: stream_occlusion_task(2, L=v), '`L` must be an int ≥ 1', (True, 2.0, 0, -1)),
+    (lambda v: stream_occlusion_task(2, V=v), '`V` must be an int ≥ 1', (True, 4.0, 0)),
+    (lambda v: revisit_task(2, gap=v), '`gap` must be an int ≥ 0', (True, 2.0, -1)),
+    (lambda v: revisit_task(2, n_seen=v), '`n_seen` must be an int ≥ 1', (True, 0)),
+    (lambda v: revisit_task(2, grid=v), '`grid` must be an int ≥ 3', (True, 2, 8.0)),
+    (lambda v: stream_binding_task(2, gap=v), '`gap` must be an int ≥ 0', (True, 1.0, -1)),
+    (lambda v: stream_binding_task(2, n_writes=v), '`n_writes` must be an int ≥ 1', (True, 0)),
+    (lambda v: attention_reach(v, 2), '`window` must be an int ≥ 1', (True, 4.0, 0)),
+    (lambda v: attention_reach(4, v), '`n_layers` must be an int ≥ 1', (True, 2.0, 0)),
 ]
 
 def _tiny():
@@ -174,12 +187,12 @@ def test_moving_digits_frames_are_the_shifted_digit(split):
     with pytest.raises(ValueError, match='`size` must be >='): moving_digits_task(2, size=12)
 
 # ---------------------------------------------------------------- backbones
-@pytest.mark.parametrize('name', ['occlusion', 'map', 'binding', 'counter', 'digits'])
+@pytest.mark.parametrize('name', ['occlusion', 'map', 'binding', 'counter', 'digits', *MEMORY_SUITE])
 def test_backbones_forward_shapes(name):
     task = TASKS[name]
     x, _ = task.fn(3, seed=0, **task.conds[-1], **task.train_kw)
     for kind in KINDS:
-        m = make_backbone(kind, task.net_kw(**NET), MEM).eval()
+        m = make_backbone(kind, task.net_kw(**NET, window=SUITE_WINDOW.get(name)), MEM).eval()
         with torch.no_grad(): out = m(x)
         assert out.shape == ((3, x.shape[1], task.n_out) if task.per_token else (3, task.n_out)), (kind, out.shape)
         assert torch.isfinite(out).all()
@@ -244,9 +257,10 @@ def test_summarize_and_table():
     rows = [dict(kind='a', params=5, acc={'x': 0.5, 'y': 1.0}), dict(kind='a', params=5, acc={'x': 0.7, 'y': 1.0}),
             dict(kind='b', params=6, acc={'x': 0.25})]
     s = summarize(rows)
-    assert s[('a', 'x')][2] == 2 and abs(s[('a', 'x')][0] - 0.6) < 1e-12 and abs(s[('a', 'x')][1] - 0.1) < 1e-12
+    assert s[('a', 'x')][2] == 2 and abs(s[('a', 'x')][0] - 0.6) < 1e-12 and abs(s[('a', 'x')][1] - 0.02 ** 0.5) < 1e-12   # sample sd
+    assert s[('b', 'x')] == (0.25, 0.0, 1)
     t = results_table(rows).splitlines()
-    assert t[0] == '| condition | a (5 p) | b (6 p) |' and t[2] == '| x | 60.0 ± 10.0 | 25.0 |' and t[3] == '| y | 100.0 ± 0.0 |  |'
+    assert t[0] == '| condition | a (5 p) | b (6 p) |' and t[2] == '| x | 60.0 ± 14.1 | 25.0 |' and t[3] == '| y | 100.0 ± 0.0 |  |'
     assert cond_name({'L': 2}) == 'L=2'
 
 def test_memory_share_zero_at_attach_then_positive():
@@ -282,3 +296,105 @@ def test_train_conds_used_for_training_only():
     assert [c['n_writes'] for c in task.train_conds] == [5, 10, 20] and task.conds == [dict(n_writes=20, sigma=0.05)]
     r = train_toy(make_backbone('base', task.net_kw(**NET)), task, steps=3, bs=4, eval_n=8)
     assert list(r['acc']) == ['n_writes=20,sigma=0.05']
+
+# ---------------------------------------------------------------- the toys built to need a memory (content beyond attention's reach)
+def _topleft(f, size=16):
+    rows = f.sum(1).nonzero()[:, 0].tolist(); cols = f.sum(0).nonzero()[:, 0].tolist()
+    return next(a for a in rows if (a - 1) % size not in rows), next(b for b in cols if (b - 1) % size not in cols)
+
+@FAST
+@given(n=st.integers(1, 10), L=st.integers(1, 40), V=st.integers(1, 6), seed=st.integers(0, 10**6))
+def test_stream_occlusion_label_is_the_last_sighting(n, L, V, seed):
+    x, y = stream_occlusion_task(n, L=L, V=V, seed=seed)
+    assert x.shape == (n, V + L, 256) and (x[:, V:] == 0).all() and (x[:, :V].sum(-1) == 4).all()
+    for i in range(n):
+        r, c = _topleft(x[i, V - 1].view(16, 16))                         # read the ball off the last visible frame's pixels
+        assert _quadrant_from_pixels(_ball_frame(r, c)) == y[i].item()
+    assert torch.equal(x[:, :V], occlusion_task(n, L=0, T=V, seed=seed)[0]) if V >= 2 else True
+
+@FAST
+@given(n=st.integers(1, 10), gap=st.integers(0, 40), n_seen=st.integers(1, 4), seed=st.integers(0, 10**6))
+def test_revisit_query_is_answered_only_by_the_early_reveals(n, gap, n_seen, seed):
+    x, y = revisit_task(n, gap=gap, n_seen=n_seen, seed=seed)
+    assert x.shape == (n, n_seen + gap + 1, 7) and (x[:, -1, 6] == 1).all() and (x[:, :-1, 6] == 0).all()
+    for i in range(n):
+        seen, q = {}, x[i, -1].tolist()
+        qrc = (round(q[4] * 8), round(q[5] * 8))
+        for j, t in enumerate(x[i, :-1].tolist()):
+            r, c = round(t[4] * 8), round(t[5] * 8)
+            cells = [(r + dr, c + dc) for dr in (0, 1) for dc in (0, 1)]
+            if j >= n_seen: assert qrc not in cells                      # no later reveal shows the queried cell
+            for cell, v in zip(cells, t[:4]): assert seen.setdefault(cell, v) == v   # one consistent map
+        assert seen[qrc] == y[i].item()
+
+def test_revisit_later_reveals_cover_every_other_position():
+    x, _ = revisit_task(2000, gap=8, seed=1)
+    tl = {tuple(v) for v in (x[:, 2:-1, 4:6] * 8).round().long().flatten(0, 1).tolist()}
+    assert len(tl) == 49                                                  # uniform over the 7×7 patch positions that miss the query
+
+@FAST
+@given(n=st.integers(1, 10), gap=st.integers(0, 40), seed=st.integers(0, 10**6))
+def test_stream_binding_is_binding_with_fillers(n, gap, seed):
+    x, y = stream_binding_task(n, gap=gap, seed=seed)
+    x0, y0 = binding_task(n, n_writes=4, sigma=0.05, n_values=8, seed=seed)
+    assert x.shape == (n, 4 + gap + 1, 12) and torch.equal(y, y0) and torch.equal(x[:, :4], x0[:, :4]) and torch.equal(x[:, -1], x0[:, -1])
+    assert (x[:, 4:-1, :3] == 0).all() and (x[:, 4:-1, -1] == 0).all()
+    for i in range(n):                                                    # nearest written key, recomputed with plain loops
+        q = x[i, -1, :3].tolist(); d = [sum((a - b) ** 2 for a, b in zip(x[i, j, :3].tolist(), q)) for j in range(4)]
+        assert x[i, d.index(min(d)), 3:11].argmax().item() == y[i].item()
+
+@pytest.mark.parametrize('window,n_layers', [(1, 1), (2, 3), (4, 2), (8, 2), (5, 1)])
+def test_attention_reach_is_exact(window, n_layers):
+    "Moving input token j changes the last output exactly when j is within `attention_reach` of the last token."
+    torch.manual_seed(window * 10 + n_layers)
+    net, N = ToyNet(5, 3, d_model=16, n_layers=n_layers, max_len=24, window=window).eval(), 24
+    R, x = attention_reach(window, n_layers), torch.randn(4, N, 5)
+    for j in range(N):
+        x2 = x.clone(); x2[:, j] += 2.
+        with torch.no_grad(): changed = not torch.equal(net(x), net(x2))
+        assert changed == (j >= N - 1 - R), (j, R)
+    assert attention_reach(None, 3) is None
+
+CONTENT = dict(window=1, stream_occlusion=4, revisit=2, stream_binding=4)   # leading tokens holding what must be remembered
+
+@pytest.mark.parametrize('name', MEMORY_SUITE)
+def test_window_hides_the_content_from_base_but_not_from_the_memories(name):
+    "In the committed suite's configuration, a base backbone cannot see the content at the long gaps, sees it at the short one, and both memories carry it."
+    task, (net, mem) = TASKS[name], suite_kw(name)
+    mem = {**mem, 'channels': 4}
+    R = attention_reach(net['window'], net['n_layers'])
+    models = {k: make_backbone(k, task.net_kw(**net), mem, seed=1).eval() for k in KINDS}
+    for k in ('slots', 'tensor'):                                      # give the memories something to say
+        for mod in models[k].modules():
+            if hasattr(mod, 'out_proj'): nn.init.normal_(mod.out_proj.weight, std=0.5)
+    far = 0
+    for cond in task.conds:
+        x, _ = task.fn(32, seed=2, **cond)
+        x2 = x.clone(); x2[:, :CONTENT[name]] = x[:, :CONTENT[name]].roll(1, 0)   # another sequence's content, same filler and query
+        hidden = x.shape[1] - 1 - R > CONTENT[name] - 1
+        with torch.no_grad():
+            for k, m in models.items():
+                seen = not torch.allclose(m(x), m(x2), atol=1e-6, rtol=0)
+                assert seen == (k in ('slots', 'tensor') or not hidden), (name, cond, k)
+        far += hidden
+    assert 1 <= far < len(task.conds)                                   # a control in reach and at least one condition beyond it
+
+def test_run_suite_workers_give_the_same_records():
+    kw = dict(kinds=('base', 'tensor'), seeds=(0, 1), steps=2, bs=4, net_kw=dict(d_model=8, window=4), mem_kw=dict(channels=2, chunk_size=4),
+              eval_n=8, verbose=False, device='cpu')
+    one, two = run_suite(TASKS['revisit'], **kw), run_suite(TASKS['revisit'], workers=2, **kw)
+    assert [(r['kind'], r['seed'], r['params'], r['acc']) for r in one] == [(r['kind'], r['seed'], r['params'], r['acc']) for r in two]
+    assert torch.allclose(torch.tensor([r['losses'] for r in one]), torch.tensor([r['losses'] for r in two]), atol=1e-5)
+
+def test_suite_configuration():
+    assert set(MEMORY_SUITE) <= set(SUITE_WINDOW) and set(MEMORY_SUITE) <= set(SUITE_STEPS)
+    assert suite_kw('revisit')[0]['window'] == 8 and suite_kw('window')[0]['window'] == 4 and 'window' not in suite_kw('binding')[0]
+    with pytest.raises(ValueError, match='`name` must be one of'): suite_kw('video')
+
+def test_console_job_runs_the_memory_suite(capsys):
+    assert main(['--task', 'revisit', 'stream_binding', '--kinds', 'base', '--seeds', '1', '--steps', '2', '--bs', '4', '--device', 'cpu']) == 0
+    out = capsys.readouterr().out
+    assert out.count('| gap=2 |') == 2 and out.count('budget: 2 steps × batch 4 on cpu') == 2
+    for argv, msg in ((['--steps', '0'], '`--steps` must be ≥ 1, got 0'), (['--workers', '0'], '`--workers` must be ≥ 1, got 0'),
+                      (['--seeds', '0'], '`--seeds` must be ≥ 1, got 0')):
+        with pytest.raises(UsageError, match=msg): main(argv)
