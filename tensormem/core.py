@@ -11,7 +11,7 @@ import torch
 
 # %% auto #0
 __all__ = ['IN_TEST', 'IN_COLAB', 'EXTRAS', 'C_FLAGS', 'default_device', 'seed_everything', 'check_tensor', 'check_int',
-           'UsageError', 'job_device', 'job_out', 'require', 'cache_dir', 'c_library', 'interact_or_static',
+           'UsageError', 'job_device', 'job_out', 'require', 'cache_dir', 'c_library', 'c_ptr', 'interact_or_static',
            'doc_links']
 
 # %% ../nbs/00_core.ipynb #6ccf012f
@@ -137,6 +137,10 @@ def c_library(name:str, # a short name for the file and the messages, e.g. 'hqmq
             _C_LIBS[name, source] = None; return None
     _C_LIBS[name, source] = lib = ctypes.CDLL(str(so))
     return lib
+
+def c_ptr(t:torch.Tensor|None) -> ctypes.c_void_p|None:
+    "A tensor's data pointer for a kernel argument (None → NULL); the caller keeps `t` referenced until the call returns."
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 # %% ../nbs/00_core.ipynb #4928fdc4
 def interact_or_static(fn, # plotting function taking keyword arguments

@@ -448,7 +448,7 @@ class FusedHQMQCache(QuantizedKVCache):
         super().__init__(config, hq, sink_tokens, fp_layers)
         self.backend, self.block = backend, block
         # sliding-window layers (Gemma 3) keep `QuantizedKVCache`'s sliding layer: they hold at most W − 1 tokens, decoded per step
-        self.layers = [l if l.full_precision or getattr(l, 'is_sliding', False) else FusedHQMQLayer(hq, i, sink_tokens, backend, block)
+        self.layers = [l if l.full_precision or l.is_sliding else FusedHQMQLayer(hq, i, sink_tokens, backend, block)
                        for i, l in enumerate(self.layers)]
 
     def __repr__(self): return f"FusedHQMQCache({self.quantizer!r}, sink_tokens={self.sink_tokens}, fp_layers={self.fp_layers}, backend={self.backend!r})"

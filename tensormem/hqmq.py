@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch, store_attr
 import ctypes
-from .core import check_tensor, check_int, c_library
+from .core import check_tensor, check_int, c_library, c_ptr
 from .quaternion import qmul, qconj, qmat_right, hurwitz_units, nearest_hurwitz
 from .quant import (ROLES, OUTLIER_MODES, MED3_SUFFIX, check_kv, check_valid, check_positive, check_fraction, fp16_scale, fp16_values,
                              Packed, KVQuantizer, pack_bits, unpack_bits, chunk_norms, outlier_mask, cat_outliers)
@@ -216,10 +216,21 @@ def codebook(self:HQMQ, layer:int, role:str, device) -> tuple[torch.Tensor, torc
 
 # %% ../nbs/03_hqmq.ipynb #baaa16f1
 @patch
+def chunk_view(self:HQMQ, x:torch.Tensor # `[B, H, T, d_h]`
+              ) -> torch.Tensor: # `[B, H, T, nc, 4]` float32 (a view when d_h is a multiple of 4 and x is float32)
+    "The chunks alone, d_h zero-padded to a multiple of 4."
+    return (x.float() if x.shape[3] == 4 * self.nc else F.pad(x.float(), (0, 4 * self.nc - x.shape[3]))).unflatten(-1, (self.nc, 4))
+
+@patch(as_prop=True)
+def index_dtype(self:HQMQ) -> torch.dtype:
+    "The narrowest integer type holding a joint index in [0, 24S): int16 up to S = 1365, else int32."
+    return torch.int16 if 24 * self.S <= 2**15 else torch.int32
+
+@patch
 def chunks(self:HQMQ, x:torch.Tensor # `[B, H, T, d_h]`
           ) -> tuple[torch.Tensor, torch.Tensor]: # (chunks `[B, H, T, nc, 4]` float32, their norms `[B, H, T, nc]`)
     "Pad d_h to a multiple of 4 and cut every head vector into 4-element chunks."
-    xc = F.pad(x.float(), (0, 4 * self.nc - x.shape[3])).unflatten(-1, (self.nc, 4))
+    xc = self.chunk_view(x)
     return xc, chunk_norms(xc)
 
 # %% ../nbs/03_hqmq.ipynb #8376e3cc
@@ -348,8 +359,6 @@ int tm_encode(const float *x, int64_t B, int64_t H, int64_t T, int64_t d, int64_
 """
 
 # %% ../nbs/03_hqmq.ipynb #b283380f
-def _c(t): return ctypes.c_void_p(t.data_ptr()) if t is not None else None
-
 @patch
 def rotation_table(self:HQMQ, layer:int, role:str, device) -> torch.Tensor:
     "`rotation_columns` of a (layer, role)'s secondary codebooks `[H, 4, 4S]` on `device`, cached."
@@ -372,14 +381,14 @@ def encode_into(self:HQMQ, x:torch.Tensor, # `[B, H, n, d_h]` K or V, validated 
     B, H, n, d = x.shape; cap = j.shape[-1]
     if n == 0: return True, (None if self.outliers is None else torch.zeros(B, H, 0, self.nc, dtype=torch.bool))
     xf, v = x.float().contiguous(), None if valid is None else valid.to(torch.uint8).contiguous()
-    mode, given = (0, None) if self.outliers is None else (1, None) if self.outliers == 'med_token' else (2, None)
-    if mode == 2: given = outlier_mask(chunk_norms(self.chunks(x)[0]), self.outliers, self.C, valid).to(torch.uint8).contiguous()
+    mode = 0 if self.outliers is None else 1 if self.outliers == 'med_token' else 2     # 2: a batch-wide median, from torch
+    given = outlier_mask(self.chunks(x)[1], self.outliers, self.C, valid).to(torch.uint8).contiguous() if mode == 2 else None
     m = None if mode == 0 else given if given is not None else torch.empty(B, H, n, self.nc, dtype=torch.uint8)
     err = c_library('hqmq_encode', HQMQ_ENCODE_C).tm_encode(
-        _c(xf), *map(ctypes.c_int64, (B, H, n, d, self.nc)), _c(self.rotation_table(layer, role, 'cpu')), ctypes.c_int64(self.S),
+        c_ptr(xf), *map(ctypes.c_int64, (B, H, n, d, self.nc)), c_ptr(self.rotation_table(layer, role, 'cpu')), ctypes.c_int64(self.S),
         ctypes.c_int64(2**self.radius_bits - 1), ctypes.c_int(mode), ctypes.c_float(self.C), ctypes.c_int(int(self.sigma_outliers)),
-        _c(v), _c(given), _c(j), ctypes.c_int(j.element_size()), _c(rq), _c(sigma), ctypes.c_int64(cap), ctypes.c_int64(t0),
-        _c(m if mode == 1 else None), ctypes.c_int(torch.get_num_threads()))
+        c_ptr(v), c_ptr(given), c_ptr(j), ctypes.c_int(j.element_size()), c_ptr(rq), c_ptr(sigma), ctypes.c_int64(cap), ctypes.c_int64(t0),
+        c_ptr(m if mode == 1 else None), ctypes.c_int(torch.get_num_threads()))
     return err == 0, None if m is None else m.view(torch.bool)
 
 # %% ../nbs/03_hqmq.ipynb #3c0d1e05
@@ -392,11 +401,11 @@ def encode(self:HQMQ, x:torch.Tensor, # K or V states `[B, H_kv, T, d_h]`, fp16/
     check_kv(x, layer, role, self.n_layers, self.n_kv_heads, self.head_dim); check_valid(valid, x)
     if self.compiled(x):                                   # the compiled encoder (above), same codes
         B, H, T, _ = x.shape
-        j, rq = torch.empty(B * H, self.nc, T, dtype=torch.int16 if 24 * self.S < 2**15 else torch.int32), torch.empty(B * H, self.nc, T, dtype=torch.uint8)
+        j, rq = torch.empty(B * H, self.nc, T, dtype=self.index_dtype), torch.empty(B * H, self.nc, T, dtype=torch.uint8)
         sigma = torch.empty(B * H, T, dtype=torch.float16); ok, out = self.encode_into(x, layer, role, valid, j, rq, sigma)
         if ok:
             j, rq = j.view(B, H, self.nc, T).transpose(2, 3).long(), rq.view(B, H, self.nc, T).transpose(2, 3).long()
-            vals = None if out is None else fp16_values(self.chunks(x)[0][out], 'outlier chunks')
+            vals = None if out is None else fp16_values(self.chunk_view(x)[out], 'outlier chunks')
             return j, rq, sigma.view(B, H, T), out, vals
     xc, r = self.chunks(x); out, sigma = self.scales(r, valid)
     j, rq, vals = self.directions(xc, r, layer, role), radius_code(r, sigma, self.radius_bits), None

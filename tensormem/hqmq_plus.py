@@ -12,7 +12,7 @@ from .core import check_int, check_tensor
 from .quant import KVQuantizer, ROLES, Packed, check_kv, check_valid, check_fraction, fp16_values
 from .hqmq import HQMQ, HQMQPacked
 from .baselines import random_rotation
-from .hf_cache import CastPacked, CastQuantizer, QuantizedKVCache, check_quantizer, packed_select, packed_head, packed_tail
+from .hf_cache import CastPacked, CastQuantizer, QuantizedKVCache, check_quantizer, packed_select, packed_head, packed_tail, takes_valid
 
 # %% auto #0
 __all__ = ['RotatedHQMQ', 'LayerwiseQuantizer', 'sensitivity', 'allocate', 'NoiseQuantizer', 'water_filling', 'head_moments',
@@ -90,7 +90,7 @@ def quantize(self:LayerwiseQuantizer, x:torch.Tensor, layer:int, role:str, valid
     "The write of (layer, role) through its own quantizer."
     if (layer, role) not in self.plan: raise ValueError(f"`layer`, `role` must be in [0, {self.n_layers}) and 'k'/'v', got {layer!r}, {role!r}")
     q = self.plan[(layer, role)]
-    return q.quantize(x, layer, role, valid) if 'valid' in q.quantize.__code__.co_varnames else q.quantize(x, layer, role)
+    return q.quantize(x, layer, role, valid) if takes_valid(q) else q.quantize(x, layer, role)
 
 @patch
 def dequantize(self:LayerwiseQuantizer, p) -> torch.Tensor:  # noqa: F811 (one method per class, patched)
@@ -271,7 +271,7 @@ def quantize(self:CenteredQuantizer, x:torch.Tensor, layer:int, role:str, valid:
         c = fp16_values(c, 'per-head mean (centre)')
         x = (x.float() - c.float()).to(x.dtype)
     q = self.inner
-    p = q.quantize(x, layer, role, valid) if 'valid' in q.quantize.__code__.co_varnames else q.quantize(x, layer, role)
+    p = q.quantize(x, layer, role, valid) if takes_valid(q) else q.quantize(x, layer, role)
     return CenteredPacked(tuple(x.shape), x.dtype, p, c, layer, role, fingerprint=self.fingerprint)
 
 @patch

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 import ctypes
-from ..core import check_tensor, check_int, c_library
+from ..core import check_tensor, check_int, c_library, c_ptr
 from ..quant import check_kv, check_valid, fp16_values
 from ..quant import unpack_bits
 from ..hqmq import HQMQ, HQMQPacked, unpack_digits
@@ -50,7 +50,7 @@ class HQMQCodes:
         self.B, self.H = check_int(batch_size, 'batch_size', 1), check_int(n_heads, 'n_heads', 1)
         if n_heads != hq.n_kv_heads: raise ValueError(f"`n_heads` ({n_heads}) must equal the quantizer's n_kv_heads ({hq.n_kv_heads})")
         self.hq, self.layer, self.role, self.device, self.qmax = hq, layer, role, torch.device(device or 'cpu'), 2**hq.radius_bits - 1
-        BH, nc, dv, jt = self.B * self.H, hq.nc, self.device, (torch.int16 if 24 * hq.S <= 2**15 else torch.int32)
+        BH, nc, dv, jt = self.B * self.H, hq.nc, self.device, hq.index_dtype
         self.j, self.rq = torch.zeros(BH, nc, capacity, dtype=jt, device=dv), torch.zeros(BH, nc, capacity, dtype=torch.uint8, device=dv)
         self.sigma, self.T, self.n_out = torch.zeros(BH, capacity, dtype=torch.float16, device=dv), 0, 0
         self.orow, self.ot, self.oc = [torch.zeros(64, dtype=torch.int64, device=dv) for _ in range(3)]     # outlier (row, t, c)
@@ -59,6 +59,16 @@ class HQMQCodes:
     def __repr__(self): return f"HQMQCodes({self.hq.name}, layer={self.layer}, role={self.role!r}, T={self.T}, outliers={self.n_out})"
 
 # %% ../../nbs/10c_ops_hqmq_codes.ipynb #04a99a28
+@patch
+def _append_outliers(self:HQMQCodes, row:Tensor, t:Tensor, c:Tensor, # (row, token within the write, chunk) of each new outlier
+                     vals:Tensor # `[k, 4]` fp16 values in the same order
+                    ):
+    "Append a write's outliers (tokens counted from the current end, `self.T`) to the sparse lists."
+    k, o = row.shape[0], self.n_out
+    self.orow, self.ot, self.oc, self.oval = [_grown(b, 0, o + k) for b in (self.orow, self.ot, self.oc, self.oval)]
+    self.orow[o:o + k], self.ot[o:o + k], self.oc[o:o + k], self.oval[o:o + k] = row, t + self.T, c, vals
+    self.n_out += k
+
 @patch
 def append_codes(self:HQMQCodes, j:Tensor, rq:Tensor, # `[B, H, n, nc]` joint indices and radius codes (0 at outliers)
                  sigma:Tensor, # `[B, H, n]` fp16 per-token scales
@@ -71,11 +81,7 @@ def append_codes(self:HQMQCodes, j:Tensor, rq:Tensor, # `[B, H, n, nc]` joint in
     self.j, self.rq, self.sigma = _grown(self.j, 2, T + n), _grown(self.rq, 2, T + n), _grown(self.sigma, 1, T + n)
     self.j[:, :, T:T + n] = j.reshape(BH, n, nc).transpose(1, 2); self.rq[:, :, T:T + n] = rq.reshape(BH, n, nc).transpose(1, 2)
     self.sigma[:, T:T + n] = sigma.reshape(BH, n)
-    if out is not None:
-        row, t, c = out.reshape(BH, n, nc).nonzero().unbind(1); k, o = row.shape[0], self.n_out   # row-major: the order of `vals`
-        self.orow, self.ot, self.oc, self.oval = [_grown(b, 0, o + k) for b in (self.orow, self.ot, self.oc, self.oval)]
-        self.orow[o:o + k], self.ot[o:o + k], self.oc[o:o + k], self.oval[o:o + k] = row, t + T, c, vals
-        self.n_out += k
+    if out is not None: self._append_outliers(*out.reshape(BH, n, nc).nonzero().unbind(1), vals)   # row-major: the order of `vals`
     self.T = T + n
     return self
 
@@ -133,11 +139,8 @@ def encode_append(self:HQMQCodes, x:Tensor, # K or V states `[B, H, n, d_h]` of 
     if not ok: return self.append_codes(*hq.encode(x, self.layer, self.role, valid))   # raises the torch steps' error
     nz = None if out is None else out.reshape(BH, n, hq.nc).nonzero()
     if nz is not None and nz.shape[0]:
-        (row, t, c), k, o = nz.unbind(1), nz.shape[0], self.n_out
-        self.orow, self.ot, self.oc, self.oval = [_grown(b, 0, o + k) for b in (self.orow, self.ot, self.oc, self.oval)]
-        self.orow[o:o + k], self.ot[o:o + k], self.oc[o:o + k] = row, t + T, c
-        xc = (x if x.shape[3] == 4 * hq.nc else F.pad(x, (0, 4 * hq.nc - x.shape[3]))).reshape(BH, n, hq.nc, 4)
-        self.oval[o:o + k] = fp16_values(xc[row, t, c].float(), 'outlier chunks'); self.n_out += k
+        row, t, c = nz.unbind(1)
+        self._append_outliers(row, t, c, fp16_values(hq.chunk_view(x).reshape(BH, n, hq.nc, 4)[row, t, c], 'outlier chunks'))
     self.T = T + n
     return self
 
@@ -332,11 +335,9 @@ def merge_lse(o1:Tensor, l1:Tensor, # output `[..., d]` and log-sum-exp `[...]` 
     w1, w2 = (l1 - m).exp(), (l2 - m).exp()
     return (w1[..., None] * o1 + w2[..., None] * o2) / (w1 + w2).clamp_min(torch.finfo(torch.float32).tiny)[..., None]
 
-def _ptr(t): return ctypes.c_void_p(t.data_ptr()) if t is not None else None
-
 def _outlier_args(m:HQMQCodes) -> list:
     "The outlier count and pointers to the mirror's (row, t, c, fp16 value) arrays, read in place."
-    return [ctypes.c_int64(m.n_out), *map(_ptr, (m.orow, m.ot, m.oc, m.oval))]
+    return [ctypes.c_int64(m.n_out), *map(c_ptr, (m.orow, m.ot, m.oc, m.oval))]
 
 def compiled_code_attention(q:Tensor, # one query token `[B, H_q, d_h]`, checked by the caller
                             kc:HQMQCodes, vc:HQMQCodes, scaling:float|None=None,
@@ -351,11 +352,11 @@ def compiled_code_attention(q:Tensor, # one query token `[B, H_q, d_h]`, checked
     CK, CV = (m.hq.codebook(m.layer, m.role, 'cpu')[1].contiguous() for m in (kc, vc))
     fr = None if first is None else first.to(torch.int64).repeat_interleave(H).contiguous()
     out, lse, s = torch.empty(R, G, 4 * nc), torch.empty(R, G), torch.empty(R, G, cap)
-    lib.tm_code_attention(*map(ctypes.c_int64, (R, H, G, nc, T, cap, CK.shape[1])), _ptr(q4),
+    lib.tm_code_attention(*map(ctypes.c_int64, (R, H, G, nc, T, cap, CK.shape[1])), c_ptr(q4),
                           ctypes.c_float(1 / math.sqrt(d) if scaling is None else scaling), ctypes.c_float(1 / kc.qmax),
-                          ctypes.c_int(kc.j.element_size()), _ptr(kc.j), _ptr(kc.rq), _ptr(kc.sigma), _ptr(CK),
-                          _ptr(vc.j), _ptr(vc.rq), _ptr(vc.sigma), _ptr(CV), _ptr(fr),
-                          *_outlier_args(kc), *_outlier_args(vc), _ptr(out), _ptr(lse), _ptr(s), ctypes.c_int(torch.get_num_threads()))
+                          ctypes.c_int(kc.j.element_size()), c_ptr(kc.j), c_ptr(kc.rq), c_ptr(kc.sigma), c_ptr(CK),
+                          c_ptr(vc.j), c_ptr(vc.rq), c_ptr(vc.sigma), c_ptr(CV), c_ptr(fr),
+                          *_outlier_args(kc), *_outlier_args(vc), c_ptr(out), c_ptr(lse), c_ptr(s), ctypes.c_int(torch.get_num_threads()))
     return out[..., :d].reshape(B, Hq, d), lse.view(B, Hq)
 
 # %% ../../nbs/10c_ops_hqmq_codes.ipynb #34de823d
@@ -406,12 +407,8 @@ def code_attention(q:Tensor, # one query token `[B, H_q, d_h]` (post-RoPE), H_q 
         if r is None and backend == 'c': raise RuntimeError("the compiled code attention is not available (no C compiler, TENSORMEM_NO_C set, or more than 16 query heads per KV head)")
         if r is not None:
             o, lse = r
-            if ns:
-                B, Hq, d = q.shape; G = Hq // kc.H
-                s = torch.einsum('bhgd,bhtd->bhgt', q.float().view(B, kc.H, G, d), sink_k.float()).reshape(B, Hq, ns) * (1 / math.sqrt(d) if scaling is None else scaling)
-                if first is not None: s = s.masked_fill(torch.arange(ns, device=s.device) < first.to(s.device)[:, None, None], float('-inf'))
-                ls = torch.logsumexp(s, -1); os_ = torch.einsum('bgt,bgtd->bgd', (s - ls[..., None]).exp().nan_to_num(0.).view(B, Hq, ns),
-                                                                sink_v.float().repeat_interleave(G, 1))
+            if ns:                                               # the sinks exactly, joined by their partition functions
+                os_, ls = attend_dense(q, sink_k, sink_v, scaling, first, torch.float32)
                 o, lse = merge_lse(o, lse, os_, ls), torch.logaddexp(lse, ls)
             return o.to(q.dtype), lse
     (B, Hq, d), H, nc, T = q.shape, kc.H, kc.hq.nc, kc.T; G = Hq // H
