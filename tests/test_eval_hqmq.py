@@ -2,7 +2,7 @@ import math, pytest, torch
 pytest.importorskip('transformers', reason='needs the hf extra: pip install "tensormem[hf]"')
 from conftest import tiny_llama
 from tensormem.eval_hqmq import (Method, geometry, hqmq_method, paper_methods, outlier_fraction, claimed_bits, evaluate_method,
-                                 evaluate_model, format_table, target_report, target_verdict, gap_interval, dominated_by,
+                                 evaluate_model, format_table, target_report, target_verdict, gap_interval, pareto_claims,
                                  pareto_plot, parse_options, main)
 from tensormem.core import UsageError
 from tensormem.quant import FAMILY_STYLE
@@ -66,9 +66,11 @@ def _rows(gaps, n=4, tokens=300, noise=0.):
 
 def test_target_report_and_dominance():
     rows = _rows([('int4', 'naive int', 4.25, 0.2), ('s96r4', 'HQMQ', 4.06, 0.005), ('int2', 'naive int', 2.25, 4.)])
-    assert dominated_by(rows[1], rows)['name'] == 's96r4' and dominated_by(rows[3], rows) is None
+    pc = {c['peer']['name']: c for c in pareto_claims(rows)}
+    assert (pc['int4']['verdict'], pc['int4']['by']['name'], pc['int2']['verdict']) == ('win', 's96r4', 'no HQMQ row at this cost')
     rep = target_report(rows)
-    assert rep.startswith('within 1% of fp16 at ≤ 5.3 bits: YES — s96r4') and 'int2' in rep and 'NOT dominated' in rep
+    assert rep.startswith('within 1% of fp16 at ≤ 5.3 bits: YES — s96r4') and 'int2' in rep and 'int4 (4.25 b, +20.00% [' in rep
+    assert pareto_claims(_rows([('int4', 'naive int', 4.25, 0.02), ('s96r4', 'HQMQ', 4.3, 0.018)], noise=0.02))[0]['verdict'] == 'lower, intervals overlap'
     assert target_verdict(_rows([('s96r4', 'HQMQ', 4.06, 0.05)])).startswith('within 1% of fp16 at ≤ 5.3 bits: NO — closest s96r4')
     assert 'cannot judge — the 95% intervals' in target_verdict(_rows([('s96r4', 'HQMQ', 4.06, 0.008)], noise=0.02))
     assert 'cannot judge — 1 window(s)' in target_verdict(_rows([('s96r4', 'HQMQ', 4.06, 0.)], n=1, tokens=2000))
@@ -99,7 +101,7 @@ def test_main_cli(tmp_path, capsys):
     assert out.stat().st_size > 1000 and 's24r3' in text and 'within 1% of fp16 at ≤ 5.3 bits: cannot judge' in text   # one predicted-token window
 
 # ---- protocol, HQMQ+ rows and the noise yardstick ----
-from tensormem.eval_hqmq import (chunked_perplexity, interval_table, hqmq_plus_method, hqmq_plus_ablation, kv_relmse,
+from tensormem.eval_hqmq import (chunked_perplexity, interval_table, hqmq_plus_method, hqmq_plus_ablation, kv_relmse, uniform_plan, hqmq_plus_v1, hqmq_plus_budgets,
                                  noise_methods, relmse_at_gap, noise_plot, FAMILY_STYLE)
 from tensormem.perplexity import perplexity
 
@@ -119,13 +121,16 @@ def test_window_row_counts_window_bytes(tiny):
     assert b['ppl'] != a['ppl']
 
 def test_hqmq_plus_rows_and_cli_names(tiny):
-    q = hqmq_plus_method(rich_pairs={(0, 'k')}, k=(24, 3), v=(24, 2)).make(tiny.config)
+    q = hqmq_plus_method(plan=uniform_plan('s24r3', 's24r2', {(0, 'k')})).make(tiny.config).inner
     assert type(q.plan[(0, 'k')]).__name__ == 'CastQuantizer' and type(q.plan[(1, 'v')]).__name__ == 'RotatedHQMQ'
     assert (q.plan[(1, 'k')].inner.S, q.plan[(1, 'v')].inner.radius_bits) == (24, 2)
-    assert all(m.family == 'HQMQ+' for m in hqmq_plus_ablation()) and 'HQMQ+' in FAMILY_STYLE
-    _, ms = parse_options(['--methods', 'fp16,hqmq+,s192r6+rot'])
-    assert [m.name for m in ms] == ['fp16', 'hqmq+', 's192r6+rot']
-    assert 'hqmq+' in [m.name for m in parse_options([])[1]]
+    assert all(m.family == 'HQMQ+' for m in hqmq_plus_ablation() + hqmq_plus_budgets()) and 'HQMQ+' in FAMILY_STYLE
+    _, ms = parse_options(['--methods', 'fp16,hqmq+,s192r6+rot,hqmq+@4.25,hqmq+ v1+c'])
+    assert [m.name for m in ms] == ['fp16', 'hqmq+', 's192r6+rot', 'hqmq+@4.25', 'hqmq+ v1+c']
+    assert {'hqmq+', 'hqmq+@3.25', 'hqmq+@5.7'} <= {m.name for m in parse_options([])[1]}
+    with pytest.raises(ValueError, match='no measured HQMQ\\+ plan'): hqmq_plus_method().make(tiny.config)   # the tiny geometry has none
+    v1 = hqmq_plus_v1().make(tiny.config)                       # the first recipe: s768r5 everywhere, no centring
+    assert type(v1).__name__ == 'LayerwiseQuantizer' and v1.plan[(1, 'k')].name == 's768r5+rot'
 
 def test_interval_table_prints_intervals(tiny):
     rows = evaluate_model(tiny, wins(3, 24), [Method('fp16', 'fp16', lambda c: CastQuantizer()), hqmq_method(24, 3)], progress=False)

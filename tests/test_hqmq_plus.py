@@ -183,3 +183,58 @@ def test_centered_with_sliding_window_beam_and_crop():
     assert t.shape[2] == 4 and h.shape[2] == 3 and s.shape[0] == 2
     torch.testing.assert_close(cq.dequantize(t), cq.dequantize(p)[:, :, 6:]); torch.testing.assert_close(cq.dequantize(h), cq.dequantize(p)[:, :, :3])
     torch.testing.assert_close(cq.dequantize(s), cq.dequantize(p)[[1, 1]])
+
+# ---- plans: one configuration per (layer, role), chosen by a budgeted knapsack ----
+import itertools
+from tensormem.hqmq_plus import (allocate_options, plan_quantizer, plan_errors, plan_for_budget, model_plan, sensitivity,
+                                 HQMQ_PLUS_PLANS, HQMQ_PLUS_BUDGETS)
+
+def _brute(rise, bits, budget):
+    P, M = rise.shape
+    return min(sum(rise[p, m].item() for p, m in enumerate(ch)) for ch in itertools.product(range(M), repeat=P)
+               if sum(bits[p, m].item() for p, m in enumerate(ch)) <= budget * P + 1e-9)
+
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(0, 10_000))
+def test_allocate_options_optimal_for_what_it_spends(P, M, seed):
+    g = torch.Generator().manual_seed(seed)
+    bits, rise = 3 + 4 * torch.rand(P, M, generator=g, dtype=torch.float64), torch.rand(P, M, generator=g, dtype=torch.float64)
+    budget = bits.min(1).values.mean().item() + 2 * torch.rand(1, generator=g).item()
+    ch = allocate_options(rise, bits, budget); spent = bits[torch.arange(P), ch].sum().item()
+    assert spent <= budget * P + 1e-9
+    assert abs(rise[torch.arange(P), ch].sum().item() - _brute(rise, bits, spent / P)) < 1e-12
+
+def test_allocate_options_bad_inputs_and_monotone():
+    r = torch.tensor([[1., .3, .1], [1., .5, .2]]); b = torch.tensor([4., 5., 6.])
+    tot = [r[torch.arange(2), allocate_options(r, b, B)].sum().item() for B in (4., 4.5, 5., 5.5, 6.)]
+    assert tot == sorted(tot, reverse=True) and tot[-1] == pytest.approx(.3)
+    with pytest.raises(ValueError, match='below the cheapest choice'): allocate_options(r, b, 3.9)
+    with pytest.raises(ValueError, match='NaN'): allocate_options(torch.tensor([[float('nan'), 1.]]), torch.tensor([4., 5.]), 5.)
+    with pytest.raises(ValueError, match='rise'): allocate_options(torch.ones(3), b, 5.)
+
+def test_plan_quantizer_errors_and_budget():
+    kv = [(synthetic_kv(1, 2, 32, 16, seed=l) + 1., synthetic_kv(1, 2, 32, 16, seed=5 + l)) for l in range(2)]
+    pe = plan_errors(kv, ['s24r3', 's192r4', 'fp16'])
+    assert pe['err'].shape == (2, 2, 3) and (pe['bits'][:, 0] < pe['bits'][:, 1]).all()
+    sens = torch.tensor([[0.1, 0.01], [0.05, 0.02]], dtype=torch.float64)
+    for B in (pe['bits'][:, 0].mean().item(), 6., 20.):
+        p = plan_for_budget(sens, pe, 's24r3', B); assert p['bits'] <= B + 1e-9 and len(p['k']) == 2
+        q = plan_quantizer({r: p[r] for r in 'kv'}, 2, 2, 16)
+        x = kv[1][0]; y = q.dequantize(q.quantize(x, 1, 'k')); assert y.shape == x.shape and torch.isfinite(y).all()
+    pr = plan_for_budget(sens.sum(0, keepdim=True), pe, 's24r3', 6.); assert len(set(pr['k'])) == 1 and len(pr['k']) == 2
+    with pytest.raises(ValueError, match="a plan entry must be"): plan_quantizer({'k': ['s24', 'fp16'], 'v': ['fp16'] * 2}, 2, 2, 16)
+    with pytest.raises(ValueError, match="`plan` must map 'k' and 'v' to 2 entries"): plan_quantizer({'k': ['fp16']}, 2, 2, 16)
+    with pytest.raises(ValueError, match='`probe`'): plan_for_budget(sens, pe, 's48r4', 6.)
+
+def test_model_plans_cover_the_budgets():
+    for g, plans in HQMQ_PLUS_PLANS.items():
+        assert sorted(plans) == sorted(HQMQ_PLUS_BUDGETS)
+        for B in HQMQ_PLUS_BUDGETS: p = model_plan(*g, B); assert len(p['k']) == g[0] and len(set(p['k'] + p['v'])) <= 2
+    with pytest.raises(ValueError, match='no measured HQMQ\\+ plan'): model_plan(3, 3, 3)
+
+def test_sensitivity_by_role_is_every_layer_at_once():
+    from tensormem.hf_cache import tiny_llama
+    from tensormem.hqmq import HQMQ
+    m = tiny_llama(layers=2); w = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    s_role = sensitivity(m, w, lambda cfg: HQMQ(24, 2, 2, 2, 8), by='role'); s_pair = sensitivity(m, w, lambda cfg: HQMQ(24, 2, 2, 2, 8))
+    assert s_role.shape == (1, 2) and s_pair.shape == (2, 2) and (s_role != 0).all()
+    with pytest.raises(ValueError, match="`by` must be 'pair' or 'role'"): sensitivity(m, w, lambda cfg: HQMQ(24, 2, 2, 2, 8), by='layer')
