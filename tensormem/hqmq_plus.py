@@ -4,7 +4,7 @@
 
 # %% ../nbs/03b_hqmq_plus.ipynb #5529624f
 from __future__ import annotations
-import dataclasses, math
+import dataclasses, math, re
 from typing import Callable
 import torch
 from fastcore.basics import patch
@@ -138,10 +138,9 @@ def sensitivity(model, wins:torch.Tensor, # a causal LM taking `cache=`, and tok
 def _hull(bits:list, rise:list) -> list:
     "Option indices on the lower convex hull of (bits, rise), by increasing bits and strictly falling rise."
     if any(math.isnan(x) for x in bits + rise): raise ValueError("`rise` and `bits` must not contain NaN")
-    h = []
+    h, rate = [], lambda a, c: (rise[a] - rise[c]) / (bits[c] - bits[a])   # rise saved per bit from a to c
     for m in sorted(range(len(bits)), key=lambda m: (bits[m], rise[m])):
         if h and rise[m] >= rise[h[-1]]: continue                              # costs more, saves nothing
-        rate = lambda a, c: (rise[a] - rise[c]) / (bits[c] - bits[a])
         while len(h) >= 2 and rate(h[-2], h[-1]) <= rate(h[-1], m): h.pop()  # h[-1] lies above the chord
         h.append(m)
     return h
@@ -157,8 +156,8 @@ def allocate_options(rise:torch.Tensor, # `[P, M]` predicted NLL rise of pair p 
     hulls = [_hull(b[p].tolist(), r[p].tolist()) for p in range(len(r))]
     choice, spent = [h[0] for h in hulls], sum(b[p, h[0]].item() for p, h in enumerate(hulls))
     if spent > budget * len(r) + 1e-9: raise ValueError(f"`budget` {budget} is below the cheapest choice ({spent / len(r):.4f} bits per element)")
-    ups = sorted(((r[p, h[k]] - r[p, h[k + 1]]).item() / (b[p, h[k + 1]] - b[p, h[k]]).item(), p, k) for p, h in enumerate(hulls) for k in range(len(h) - 1))
-    for _, p, k in sorted(ups, key=lambda u: -u[0]):
+    ups = sorted((-(r[p, h[k]] - r[p, h[k + 1]]).item() / (b[p, h[k + 1]] - b[p, h[k]]).item(), p, k) for p, h in enumerate(hulls) for k in range(len(h) - 1))
+    for _, p, k in ups:                                                        # best rate (rise saved per bit) first
         step = (b[p, hulls[p][k + 1]] - b[p, hulls[p][k]]).item()
         if spent + step > budget * len(r) + 1e-9: break
         spent += step; choice[p] = hulls[p][k + 1]
@@ -328,7 +327,6 @@ def bits_per_element(self:CenteredQuantizer, head_dim:int, outlier_frac:float=0.
 def _config(name:str, L:int, H:int, d:int, seed:int, rot_seed):
     "A plan entry → its quantizer: 's{S}r{b}' (rotated HQMQ unless `rot_seed` is None) or 'fp16'."
     if name == 'fp16': return CastQuantizer(torch.float16)
-    import re
     if not isinstance(name, str) or not (m := re.fullmatch(r's(\d+)r(\d+)', name)): raise ValueError(f"a plan entry must be 's{{S}}r{{b_r}}' or 'fp16', got {name!r}")
     q = HQMQ(int(m[1]), int(m[2]), L, H, d, seed=seed)
     return q if rot_seed is None else RotatedHQMQ(q, rot_seed)

@@ -237,4 +237,6 @@ def test_sensitivity_by_role_is_every_layer_at_once():
     m = tiny_llama(layers=2); w = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     s_role = sensitivity(m, w, lambda cfg: HQMQ(24, 2, 2, 2, 8), by='role'); s_pair = sensitivity(m, w, lambda cfg: HQMQ(24, 2, 2, 2, 8))
     assert s_role.shape == (1, 2) and s_pair.shape == (2, 2) and (s_role != 0).all()
+    m1 = tiny_llama(layers=1); q1 = lambda cfg: HQMQ(24, 2, 1, 2, 8)               # one layer: a role is its only pair
+    assert torch.equal(sensitivity(m1, w, q1, by='role'), sensitivity(m1, w, q1))
     with pytest.raises(ValueError, match="`by` must be 'pair' or 'role'"): sensitivity(m, w, lambda cfg: HQMQ(24, 2, 2, 2, 8), by='layer')
