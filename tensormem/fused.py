@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_fused_decode.ipynb #13a44d0b
 from __future__ import annotations
-import math
+import dataclasses, math
 import torch
 from torch import Tensor
 from fastcore.basics import patch
@@ -19,11 +19,13 @@ from .hqmq import HQMQ, HQMQPacked, unpack_digits
 from .ops.triton_utils import HAS_TRITON
 from .ops.hqmq import DecodeSource, decode_attention_sources, hqmq_encode
 from .ops.hqmq_codes import HQMQCodes, code_attention, merge_lse
-from .hf_cache import QuantizedKVCache, QuantizedKVLayer, packed_select, packed_head
+from .hf_cache import QuantizedKVCache, QuantizedKVLayer, CastQuantizer, packed_select, packed_head
+from .quant import fp16_values
+from .hqmq_plus import RotatedHQMQ, LayerwiseQuantizer, CenteredQuantizer
 
 # %% auto #0
-__all__ = ['ATTN_NAME', 'BACKENDS', 'HQMQStore', 'FusedKV', 'FusedHQMQLayer', 'left_padding_starts', 'dense_attention',
-           'fused_hqmq_attention', 'enable_fused_hqmq', 'FusedHQMQCache']
+__all__ = ['ATTN_NAME', 'BACKENDS', 'HQMQStore', 'write_center', 'FusedRole', 'fused_roles', 'FusedKV', 'FusedHQMQLayer',
+           'left_padding_starts', 'dense_attention', 'fused_hqmq_attention', 'enable_fused_hqmq', 'FusedHQMQCache']
 
 # %% ../nbs/11_fused_decode.ipynb #e963db51
 def _check_store_args(hq, layer:int, role:str, n_heads:int, block:int):
@@ -213,6 +215,56 @@ def source(self:HQMQStore) -> DecodeSource:
                         self.cap, self.cap // self.ndig if self.ndig else 0, self.cap // self.block, self.ocap if o else 0,
                         self.block, self.layer, self.role)
 
+# %% ../nbs/11_fused_decode.ipynb #88393896
+def write_center(x:Tensor, # one write `[B, H, t, d_h]`
+                 valid:Tensor|None=None # `[B, t]` bool, False = pad or sink (left out of the mean)
+                ) -> tuple[Tensor, Tensor]: # (x − c in x's dtype, c `[B, H, 1, d_h]` fp16)
+    "The write's centre c (per row and KV head, the mean over its real tokens, rounded to fp16 as stored) and x − c."
+    w = x.new_ones(x.shape[0], x.shape[2], dtype=torch.float32) if valid is None else valid.float()
+    c = fp16_values((x.float() * w[:, None, :, None]).sum(2, keepdim=True) / w.sum(1).clamp_min(1)[:, None, None, None], 'per-head mean (centre)')
+    return (x.float() - c.float()).to(x.dtype), c
+
+@dataclasses.dataclass(frozen=True)
+class FusedRole:
+    "How the fused decode codes one role of one layer: an HQMQ, after an optional rotation x ↦ xR and per-write centre."
+    hq: HQMQ                           # the quantizer of the packed bytes
+    rot: RotatedHQMQ|None = None       # `rot.rotate_query(x)` is xR (None: no rotation)
+    center_min: int|None = None        # writes of at least this many tokens are centred (None: never)
+
+def _fused_role(q, layer:int, role:str, center_min:int|None=None) -> FusedRole|None:
+    if isinstance(q, HQMQ): return FusedRole(q, None, center_min)
+    if isinstance(q, RotatedHQMQ): return FusedRole(q.inner, q, center_min)
+    if isinstance(q, LayerwiseQuantizer): return _fused_role(q.plan[(layer, role)], layer, role, center_min)
+    if isinstance(q, CenteredQuantizer):
+        if center_min is not None and role in q.roles: raise ValueError(f"the fused decode takes one centre per write: `quantizer` centres role {role!r} twice")
+        return _fused_role(q.inner, layer, role, q.min_tokens if role in q.roles else center_min)
+    if isinstance(q, CastQuantizer): return None
+    raise TypeError(f"the fused decode reads HQMQ layouts: `quantizer` must be an HQMQ, or RotatedHQMQ / LayerwiseQuantizer / "
+                    f"CenteredQuantizer around HQMQs (fp16 entries allowed), got {type(q).__name__}")
+
+def fused_roles(quantizer, # an HQMQ, or HQMQ+ (`plan_quantizer`)
+                layer:int) -> dict|None: # {'k': FusedRole, 'v': FusedRole}, or None when a role of `layer` is stored in fp16
+    "What the kernels read for each role of `layer`: the HQMQ of its packed bytes, its rotation and its centring."
+    r = {role: _fused_role(quantizer, layer, role) for role in 'kv'}
+    return None if None in r.values() else r
+
+# %% ../nbs/11_fused_decode.ipynb #c145f58f
+@patch
+def encode_form(self:FusedRole, x:Tensor, # one write `[B, H, t, d_h]`
+                valid:Tensor|None=None # `[B, t]` real tokens (the centre's mean)
+               ) -> tuple[Tensor, Tensor|None]: # ((x − c)R, c or None)
+    "The tensor this role's HQMQ codes for one write, and the write's centre (None: uncentred)."
+    c = None
+    if self.center_min is not None and x.shape[2] >= self.center_min: x, c = write_center(x, valid)
+    return (x if self.rot is None else self.rot.rotate_query(x)), c
+
+@patch
+def decode_form(self:FusedRole, y:Tensor, # decoded codes `[B, H, t, d_h]`
+                c:Tensor|None=None) -> Tensor: # float32 ŷRᵀ + c
+    "Decoded codes back to K or V: rotated back, the centre added."
+    y = y.float() if self.rot is None else y.float() @ self.rot.rotation(y.device).T
+    return y if c is None else y + c.float()
+
 # %% ../nbs/11_fused_decode.ipynb #b2004678
 ATTN_NAME = 'tensormem_hqmq'
 
@@ -231,18 +283,23 @@ BACKENDS = ('auto', 'triton', 'codes', 'torch')
 
 class FusedHQMQLayer(QuantizedKVLayer):
     "One layer's K/V in two `HQMQStore`s (sinks unquantized); decode steps attend through the fused kernel."
-    def __init__(self, hq:HQMQ, layer_idx:int, sink_tokens:int=0,
+    def __init__(self, quantizer, # an HQMQ, or HQMQ+ whose roles of this layer are HQMQ-coded (`fused_roles`)
+                 layer_idx:int, sink_tokens:int=0,
                  backend:str='auto', # 'auto' (Triton kernel on CUDA, attention on the codes on CPU), 'triton', 'codes' or 'torch'
                  block:int=32 # tokens per tile of the decode kernel
                 ):
         if backend not in BACKENDS: raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-        super().__init__(hq, layer_idx, sink_tokens, False)
-        self.backend, self.block, self.stores, self.codes = backend, block, None, None
+        roles = fused_roles(quantizer, layer_idx)
+        if roles is None: raise ValueError(f"layer {layer_idx} of `quantizer` stores a role in fp16: nothing for the fused kernel (`FusedHQMQCache` keeps such layers as `QuantizedKVLayer`)")
+        super().__init__(quantizer, layer_idx, sink_tokens, False)
+        self.roles, self.backend, self.block, self.stores, self.codes = roles, backend, block, None, None
+        self.pieces = {'k': [], 'v': []}   # per role: (first stored token, centre or None) of each run of tokens sharing one centre
 
     def nbytes(self) -> int:
-        "True stored bytes: both stores (packed, with their tile offsets) or both code mirrors, plus the unquantized sinks."
+        "True stored bytes: both stores (packed, with their tile offsets) or both code mirrors, the centres, plus the unquantized sinks."
         plain = sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
-        return plain + sum(s.nbytes() for s in (self.stores or self.codes or {}).values())
+        centres = sum(c.numel() * c.element_size() for ps in self.pieces.values() for _, c in ps if c is not None)
+        return plain + centres + sum(s.nbytes() for s in (self.stores or self.codes or {}).values())
 
 # %% ../nbs/11_fused_decode.ipynb #5781a658
 @patch
@@ -267,24 +324,38 @@ def _valid(self:FusedHQMQLayer, t0:int, t:int) -> Tensor|None:
 @patch
 def _pack(self:FusedHQMQLayer, x:Tensor, role:str, t0:int):
     "Store positions [t0, t0 + t) of `role` (the `QuantizedKVLayer._write` hook): codes in the mirror on CPU, else into the packed store."
+    part, valid = self.roles[role], self._valid(t0, x.shape[-2])
+    y, c = part.encode_form(x, valid)                                  # HQMQ+: (x − c)R; plain HQMQ: x
     if self._mode(x) == 'codes':                                       # CPU: keep the codes unpacked, score on them
-        if self.codes is None: self.codes = {r: HQMQCodes(self.quantizer, self.layer_idx, r, x.shape[0], x.shape[1], x.device) for r in 'kv'}
-        self.codes[role].encode_append(x, self._valid(t0, x.shape[-2]))
-        return
-    if self.stores is None:
-        self.stores = {r: HQMQStore(self.quantizer, self.layer_idx, r, x.shape[0], x.shape[1], x.device, self.block) for r in 'kv'}
-    enc = 'triton' if self.backend == 'triton' else 'auto'            # CUDA: no value scan, dense outliers → no host sync
-    self.stores[role].append(hqmq_encode(self.quantizer, x.contiguous(), self.layer_idx, role, self._valid(t0, x.shape[-2]),
-                                         backend=enc, check_values=not x.is_cuda, dense_outliers=True))
+        if self.codes is None: self.codes = {r: HQMQCodes(self.roles[r].hq, self.layer_idx, r, x.shape[0], x.shape[1], x.device) for r in 'kv'}
+        held = self.codes[role]; T = len(held); held.encode_append(y, valid)
+    else:
+        if self.stores is None:
+            self.stores = {r: HQMQStore(self.roles[r].hq, self.layer_idx, r, x.shape[0], x.shape[1], x.device, self.block) for r in 'kv'}
+        enc = 'triton' if self.backend == 'triton' else 'auto'        # CUDA: no value scan, dense outliers → no host sync
+        held = self.stores[role]; T = len(held)
+        held.append(hqmq_encode(part.hq, y.contiguous(), self.layer_idx, role, valid, backend=enc, check_values=not x.is_cuda, dense_outliers=True))
+    ps = self.pieces[role]
+    if c is not None or not ps or ps[-1][1] is not None: ps.append((T, c))   # a new centre, or uncentred tokens after a centred run
 
 # %% ../nbs/11_fused_decode.ipynb #e750be57
+@patch
+def _decoded(self:FusedHQMQLayer, role:str) -> Tensor:
+    "Every stored token of `role` decoded `[B, H, T, d_h]` float32: the codes, rotated back, each piece's centre added."
+    held, part = (self.codes or self.stores)[role], self.roles[role]
+    y = part.decode_form(held.dequantize())
+    ps = self.pieces[role]
+    for (a, c), b in zip(ps, [s for s, _ in ps[1:]] + [y.shape[2]]):
+        if c is not None: y[..., a:b, :] += c.float()
+    return y
+
 @patch
 def _history(self:FusedHQMQLayer, role:str, dtype) -> Tensor:
     "The whole history of `role` `[B, H, T, D]`: the as-given prefix, the store decoded, each row's sinks exact (prefill, reference)."
     plain, held = self.keys if role == 'k' else self.values, self.codes or self.stores
     if not (held and len(held[role])): return plain
     a, b = self.packed_start, min(self.plain_end, self.cumulative_length)
-    h = torch.cat([plain[..., :a, :], held[role].dequantize().to(dtype)], -2)
+    h = torch.cat([plain[..., :a, :], self._decoded(role).to(dtype)], -2)
     if b <= a: return h
     sink = (torch.arange(a, b, device=h.device) < (self.starts[:, None] + self.sink_tokens))[:, None, :, None]   # [B, 1, b-a, 1]
     return torch.cat([h[..., :a, :], torch.where(sink, plain[..., a:b, :], h[..., a:b, :]), h[..., b:, :]], -2)
@@ -301,7 +372,7 @@ def update(self:FusedHQMQLayer, key_states:Tensor, value_states:Tensor, *args, *
 
 @patch
 def reset(self:FusedHQMQLayer):
-    QuantizedKVLayer.reset(self); self.stores = self.codes = None
+    QuantizedKVLayer.reset(self); self.stores = self.codes = None; self.pieces = {'k': [], 'v': []}
 
 # %% ../nbs/11_fused_decode.ipynb #f8227175
 _MASK_MEMO: list = [None, None, None]   # (mask, T, first): the layers of one decode step share one mask
@@ -340,22 +411,42 @@ def dense_attention(q:Tensor, # one query token `[B, H_q, d_h]`
 
 # %% ../nbs/11_fused_decode.ipynb #fe8eed7f
 @patch
+def _attend_pieces(self:FusedHQMQLayer, q:Tensor, # one query token `[B, H_q, d_h]`
+                   rel:Tensor|None, # `[B]`: first attended stored token per row (None: all)
+                   scaling:float|None=None) -> tuple[Tensor, Tensor]: # (output `[B, H_q, d_h]` fp32, lse `[B, H_q]`)
+    "Attention over the stored tokens: each piece through the kernel (or the codes) on qR_k, its output rotated back and shifted by its value centre, its lse by scale·q·c_k; the pieces joined by log-sum-exp."
+    held, rk, rv = self.codes or self.stores, self.roles['k'], self.roles['v']
+    T, B, H = len(held['k']), q.shape[0], held['k'].H; G = q.shape[1] // H
+    scale = 1 / math.sqrt(q.shape[-1]) if scaling is None else scaling
+    qr = q if rk.rot is None else rk.rot.rotate_query(q)
+    cuts = sorted({0} | {s for ps in self.pieces.values() for s, _ in ps})
+    centre = lambda role, a: next((c for s, c in reversed(self.pieces[role]) if s <= a), None)
+    o = lse = None
+    for a, b in zip(cuts, cuts[1:] + [T]):
+        first = rel if not a else torch.full((B,), a, device=q.device) if rel is None else rel.clamp_min(a)
+        if self.codes is not None: oi, li = code_attention(qr, held['k'], held['v'], scaling, first, end=None if b == T else b)
+        else: oi, li = decode_attention_sources(qr, (rk.hq, rv.hq), held['k'].source(), held['v'].source(), b, H, rel, scaling, return_lse=True, start=a)
+        oi = oi.float() if rv.rot is None else oi.float() @ rv.rot.rotation(q.device).T
+        if (cv := centre('v', a)) is not None: oi = oi + cv[:, :, 0].float().repeat_interleave(G, 1)
+        if (ck := centre('k', a)) is not None: li = li + scale * (q.float() * ck[:, :, 0].float().repeat_interleave(G, 1)).sum(-1)
+        o, lse = (oi, li) if o is None else (merge_lse(o, lse, oi, li), torch.logaddexp(lse, li))
+    return o, lse
+
+@patch
 def attend(self:FusedHQMQLayer, query:Tensor, # `[B, H_q, 1, d_h]` (post-RoPE), as transformers passes it
            attention_mask:Tensor|None=None, # the step's mask (see `left_padding_starts`)
            scaling:float|None=None # softmax scale (default 1/√d_h)
           ) -> Tensor: # `[B, 1, H_q, d_h]`, the layout attention functions return
     "One decode step: the fused kernel over the stores (or attention on the codes), merged by log-sum-exp with exact attention over the sinks."
     if query.shape[2] != 1: raise ValueError(f"`attend` is the decode step: one query token, got {query.shape[2]}")
-    q, st = query[:, :, 0], self.stores
+    q = query[:, :, 0]
     first, sink_end = left_padding_starts(attention_mask, self.cumulative_length), self.starts + self.sink_tokens   # [B] each
     k_first = None if (first is None and not self.sink_tokens) else sink_end if first is None else torch.maximum(first, sink_end)
-    rel = None if k_first is None else k_first - self.packed_start   # first attended key within the quantized part
-    if self.codes is not None: o, lse = code_attention(q, self.codes['k'], self.codes['v'], scaling, rel)
-    else: o, lse = decode_attention_sources(q, self.quantizer, st['k'].source(), st['v'].source(), len(st['k']), st['k'].H, rel, scaling, return_lse=True)
+    o, lse = self._attend_pieces(q, None if k_first is None else k_first - self.packed_start, scaling)   # rel: first attended stored key
     if self.keys.shape[-2]:                                            # sinks: exact, in fp32, then one softmax over both parts
         o_s, lse_s = dense_attention(q, self.keys, self.values, scaling, first, last=sink_end)
-        o = merge_lse(o.float(), lse, o_s, lse_s).to(query.dtype)   # the current token is attended: never both −inf
-    return o[:, None]
+        o = merge_lse(o, lse, o_s, lse_s)                              # the current token is attended: never both −inf
+    return o.to(query.dtype)[:, None]
 
 # %% ../nbs/11_fused_decode.ipynb #2b806ef9
 @patch
@@ -411,44 +502,47 @@ def _codes_head(c:HQMQCodes, n:int) -> HQMQCodes:
 
 # %% ../nbs/11_fused_decode.ipynb #be0a0004
 @patch
-def _held_plan(self:FusedHQMQLayer, base, select, name:str):
-    "Combine the base layer's plan (prefix, starts, length) with `select` applied to the stores or mirrors under `name`."
+def _held_plan(self:FusedHQMQLayer, base, select, name:str, pieces:dict):
+    "Combine the base layer's plan (prefix, starts, length) with `select` applied to the stores or mirrors under `name`, and the new `pieces`."
     held = getattr(self, name)
     new = None if held is None else {r: select(h) for r, h in held.items()}     # may refuse: nothing changed yet
-    def apply(): base(); setattr(self, name, new)
+    def apply(): base(); setattr(self, name, new); self.pieces = pieces
     return apply
 
 @patch
 def _index_plan(self:FusedHQMQLayer, idx:Tensor):
-    "Rows `idx` of everything stored (beam search): the base layer's prefix and starts, the stores or mirrors row by row."
+    "Rows `idx` of everything stored (beam search): the base layer's prefix and starts, the stores or mirrors and the centres row by row."
     if not self.is_initialized: return lambda: None
     idx = torch.as_tensor(idx).to(self.device); base = QuantizedKVLayer._index_plan(self, idx)
-    if self.codes is not None: return self._held_plan(base, lambda c: _codes_rows(c, idx), 'codes')
-    return self._held_plan(base, lambda s: _store_rows(s, idx), 'stores')
+    pieces = {r: [(s, None if c is None else c[idx]) for s, c in ps] for r, ps in self.pieces.items()}
+    if self.codes is not None: return self._held_plan(base, lambda c: _codes_rows(c, idx), 'codes', pieces)
+    return self._held_plan(base, lambda s: _store_rows(s, idx), 'stores', pieces)
 
 @patch
 def _crop_plan(self:FusedHQMQLayer, tokens_to_remove:int):
-    "`crop(tokens_to_remove)` (≤ 0): the base layer's checks and prefix, the stores or mirrors cut to the tokens kept."
+    "`crop(tokens_to_remove)` (≤ 0): the base layer's checks and prefix, the stores or mirrors cut to the tokens kept, pieces after them dropped."
     base = QuantizedKVLayer._crop_plan(self, tokens_to_remove)
     keep = max(0, self.cumulative_length + tokens_to_remove - self.packed_start)   # quantized positions kept
-    if self.codes is not None: return self._held_plan(base, lambda c: _codes_head(c, min(keep, c.T)), 'codes')
-    return self._held_plan(base, lambda s: _store_head(s, min(keep, s.T)), 'stores')
+    pieces = {r: [(s, c) for s, c in ps if s < keep] for r, ps in self.pieces.items()}
+    if self.codes is not None: return self._held_plan(base, lambda c: _codes_head(c, min(keep, c.T)), 'codes', pieces)
+    return self._held_plan(base, lambda s: _store_head(s, min(keep, s.T)), 'stores', pieces)
 
 # %% ../nbs/11_fused_decode.ipynb #8f6b5458
 class FusedHQMQCache(QuantizedKVCache):
-    "`QuantizedKVCache` for `HQMQ` whose decode steps read the packed cache in place through the fused Triton kernel."
+    "`QuantizedKVCache` for HQMQ or HQMQ+ whose decode steps read the packed cache in place through the fused Triton kernel."
     def __init__(self, config, # the model config (`model.config`)
-                 hq:HQMQ, # the quantizer
+                 quantizer, # an `HQMQ`, or HQMQ+ (`plan_quantizer`: rotated, per-role configurations, centred keys)
                  sink_tokens:int=0, # first positions kept unquantized (attention sinks)
                  fp_layers=(), # layer indices stored unquantized
                  backend:str='auto', # 'auto' (Triton on CUDA, codes on CPU), 'triton' (CPU = interpreter), 'codes' or 'torch' (reference)
                  block:int=32 # tokens per tile of the decode kernel
                 ):
-        if not isinstance(hq, HQMQ): raise TypeError(f"`hq` must be an HQMQ quantizer (the fused kernel decodes its layout), got {type(hq).__name__}")
-        super().__init__(config, hq, sink_tokens, fp_layers)
+        fused_roles(quantizer, 0)                                      # a TypeError naming what the kernels read, before anything is built
+        if backend not in BACKENDS: raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
+        super().__init__(config, quantizer, sink_tokens, fp_layers)
         self.backend, self.block = backend, block
-        # sliding-window layers (Gemma 3) keep `QuantizedKVCache`'s sliding layer: they hold at most W − 1 tokens, decoded per step
-        self.layers = [l if l.full_precision or l.is_sliding else FusedHQMQLayer(hq, i, sink_tokens, backend, block)
-                       for i, l in enumerate(self.layers)]
-
+        # sliding-window layers (Gemma 3) keep `QuantizedKVCache`'s sliding layer: they hold at most W − 1 tokens, decoded per step;
+        # so do layers with a role in fp16 (an HQMQ+ plan may keep one)
+        keep = lambda i, l: l.full_precision or l.is_sliding or fused_roles(quantizer, i) is None
+        self.layers = [l if keep(i, l) else FusedHQMQLayer(quantizer, i, sink_tokens, backend, block) for i, l in enumerate(self.layers)]
     def __repr__(self): return f"FusedHQMQCache({self.quantizer!r}, sink_tokens={self.sink_tokens}, fp_layers={self.fp_layers}, backend={self.backend!r})"

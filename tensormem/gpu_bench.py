@@ -208,7 +208,7 @@ def _random_llama(layers:int, geometry:dict|None, max_T:int, dev, dt):
     seed_everything(0)
     with torch.device(dev): return enable_fused_hqmq(tf.LlamaForCausalLM(cfg).to(dt).eval())
 
-def _filled_caches(model, hq:HQMQ, B:int, T:int, sinks:int, ref_max_elems:int, g) -> dict:
+def _filled_caches(model, hq, B:int, T:int, sinks:int, ref_max_elems:int, g) -> dict:
     "Each cache holding the same T random tokens: `DynamicCache`, `FusedHQMQCache` and, where affordable, `QuantizedKVCache`."
     from tensormem.fused import FusedHQMQCache; from tensormem.hf_cache import QuantizedKVCache
     cfg, dev, dt = model.config, model.device, model.dtype; Hkv, d = cfg.num_key_value_heads, cfg.head_dim
@@ -231,7 +231,7 @@ def _model_errors(model, caches:dict, logits:dict, g) -> dict:
     if 'reference' in logits: out['max_logit_diff_fused_vs_reference'] = _maxerr(logits['fused'], logits['reference'])
     return dict(out, max_logit_diff_fused_vs_dense=_maxerr(logits['fused'], logits['dense']))
 
-def _model_row(timer, model, hq:HQMQ, B:int, T:int, sinks:int, ref_max_elems:int) -> dict:
+def _model_row(timer, model, hq, B:int, T:int, sinks:int, ref_max_elems:int) -> dict:
     "One (B, T) of `bench_model_step`: one step through each cache (a warm-up and the check), then the timed steps."
     cfg = model.config; g = torch.Generator(device=model.device).manual_seed(B * 7919 + T)
     caches = _filled_caches(model, hq, B, T, sinks, ref_max_elems, g)
@@ -250,11 +250,15 @@ def bench_model_step(timer, sizes:list, # [(B, T), ...]
                      geometry:dict|None=None, # LlamaConfig overrides (default: Llama-3-8B widths, vocabulary 32k)
                      sinks:int=4, # unquantized sink tokens of the quantized caches
                      ref_max_elems:int=2**28, # time the dequantize-everything reference only up to B·H_kv·T·d_h ≤ this
+                     plan:tuple|None=None, # (key entry, value entry), e.g. ('s4096r5', 's768r4'): HQMQ+ (`plan_quantizer`) instead of HQMQ
                      device=None) -> list[dict]:
     "One decode step (one new token, the cache holding T) of a random-weight Llama through `DynamicCache` + SDPA, `FusedHQMQCache` and `QuantizedKVCache`."
     dev = device or _device()
     model = _random_llama(layers, geometry, max(T for _, T in sizes), dev, torch.float16 if dev == 'cuda' else torch.float32)
-    hq, rows = HQMQ(S, radius_bits, layers, model.config.num_key_value_heads, model.config.head_dim, outliers='med_token'), []
+    Hkv, d, rows = model.config.num_key_value_heads, model.config.head_dim, []
+    from tensormem.hqmq_plus import plan_quantizer      # needs the hf extra, as the model does
+    hq = HQMQ(S, radius_bits, layers, Hkv, d, outliers='med_token') if plan is None else \
+         plan_quantizer({'k': [plan[0]] * layers, 'v': [plan[1]] * layers}, layers, Hkv, d, name=f"hqmq+ (K {plan[0]}, V {plan[1]})")
     for B, T in sizes: rows.append(_model_row(timer, model, hq, B, T, sinks, ref_max_elems)); _free()
     return rows
 
@@ -293,9 +297,10 @@ def checks(res:dict, smoke:bool) -> dict:
         if 'max_err_L1' in r:
             out[f"tensor cache T={r['T']} L1 max err"] = (r['max_err_L1'], r['max_err_L1'] <= (1e-5 if smoke else 5e-2))
             out[f"tensor cache T={r['T']} L2 max rel err"] = (r['max_rel_err_L2'], r['max_rel_err_L2'] <= (1e-5 if smoke else 5e-2))
-    for r in res.get('model_step', []):
-        e = r['max_rel_err_fused_vs_reference_attention']
-        out[f"model step B={r['B']} T={r['T']} fused attention rel err"] = (e, e <= (1e-4 if smoke else 1e-2))
+    for key, tag in (('model_step', ''), ('model_step_hqmq_plus', ' hqmq+')):
+        for r in res.get(key, []):
+            e = r['max_rel_err_fused_vs_reference_attention']
+            out[f"model step{tag} B={r['B']} T={r['T']} fused attention rel err"] = (e, e <= (1e-4 if smoke else 1e-2))
     return out
 
 # %% ../nbs/12_gpu_eval.ipynb #b26b61ee
@@ -304,7 +309,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument('--out', default=None, help='directory of the JSON record (default: bench/records in the repository)')
     ap.add_argument('--quick', action='store_true', help='fewer sizes')
     ap.add_argument('--smoke', action='store_true', help='no GPU needed: run every path once at tiny sizes in the Triton interpreter; records nothing')
-    ap.add_argument('--only', default='decode,encode,tc,step,model', help='comma list of sections: decode, encode, tc, step, model')
+    ap.add_argument('--only', default='decode,encode,tc,step,model,plus', help='comma list of sections: decode, encode, tc, step, model, plus (the model step with HQMQ+)')
     ap.add_argument('--S', type=int, default=96); ap.add_argument('--radius-bits', type=int, default=4)
     return ap
 
@@ -317,7 +322,8 @@ def run_sections(a:argparse.Namespace) -> dict:
             ('encode', 'encode', lambda: bench_encode(timer, sizes['encode'], S, rb, **(dict(heads=(2, 16)) if sm else {}))),
             ('tc', 'tensor_cache', lambda: bench_tensor_cache(timer, sizes['tc'], **(dict(heads=2, d=8, window=6) if sm else {}))),
             ('step', 'tc_step', lambda: bench_tc_step(timer, sizes['step'], **(dict(d_model=16, heads=2, window=4) if sm else {}))),
-            ('model', 'model_step', lambda: bench_model_step(timer, sizes['model'], S, rb, **(tiny if sm else {})))]
+            ('model', 'model_step', lambda: bench_model_step(timer, sizes['model'], S, rb, **(tiny if sm else {}))),
+            ('plus', 'model_step_hqmq_plus', lambda: bench_model_step(timer, sizes['model'], plan=('s24r4', 's12r3') if sm else ('s4096r5', 's768r4'), **(tiny if sm else {})))]
     for flag, key, job in jobs:
         if flag in only: res[key] = job(); print(f'{key} done', flush=True)
     return res
@@ -402,9 +408,10 @@ def show_record(rec:dict):
     if R.get('tensor_cache'): print('Tensor Cache fwd+bwd:\n' + table(R['tensor_cache'], ['T', 'dtype', 'ours_ms', 'flex_window_ms', 'full_causal_ms',
         'l2_triton_ms', 'l2_triton_best_ms', 'l2_torch_ms', 'ours_over_flex', 'full_over_ours', 'max_err_L1', 'max_rel_err_L2']) + '\n')
     if R.get('tc_step'): print('Tensor Cache decode step:\n' + table(R['tc_step'], ['context', 'step_ms', 'over_first', 'state_bytes']) + '\n')
-    if R.get('model_step'): print('one decode step of a Llama-3-8B-shaped model (random weights) through each cache:\n' + table(R['model_step'], ['B', 'T', 'layers',
-        'dense_ms', 'fused_ms', 'reference_ms', 'fused_over_dense', 'reference_over_dense', 'bytes_dense', 'bytes_fused',
-        'max_rel_err_fused_vs_reference_attention', 'max_logit_diff_fused_vs_dense']) + '\n')
+    for key, what in (('model_step', 'HQMQ'), ('model_step_hqmq_plus', 'HQMQ+')):
+        if R.get(key): print(f'one decode step of a Llama-3-8B-shaped model (random weights) through each cache, {what} ({R[key][0]["config"]}):\n' + table(R[key], ['B', 'T', 'layers',
+            'dense_ms', 'fused_ms', 'reference_ms', 'fused_over_dense', 'reference_over_dense', 'bytes_dense', 'bytes_fused',
+            'max_rel_err_fused_vs_reference_attention', 'max_logit_diff_fused_vs_dense']) + '\n')
     if rec.get('checks'): print('correctness checks:\n' + table([dict(check=k, **v) for k, v in rec['checks'].items()], ['check', 'value', 'passed']) + '\n')
     print('targets:\n' + table([dict(target=k, **v) for k, v in rec['targets'].items()], ['target', 'value', 'limit', 'met']))
 

@@ -262,3 +262,99 @@ def test_sliding_window_layers_keep_the_window():
     ref = model.generate(ids, past_key_values=QuantizedKVCache(cfg, hq), **gen)
     out = enable_fused_hqmq(model).generate(ids, past_key_values=FusedHQMQCache(cfg, hq), **gen)
     assert torch.equal(out, ref)
+
+
+def _hqmq_plus(L=2, H=2, d=16, k=('s4096r5', 'fp16'), v=('s12r3', 's12r3')):
+    from tensormem.hqmq_plus import plan_quantizer
+    return plan_quantizer({'k': list(k), 'v': list(v)}, L, H, d)
+
+
+@pytest.mark.parametrize('backend', ['triton', 'codes', 'torch'])
+@pytest.mark.parametrize('sinks,pad', [(0, False), (2, True)])
+def test_hqmq_plus_generate_equals_reference(monkeypatch, backend, sinks, pad):
+    "HQMQ+ (rotation, per-role S/b_r, centred prompt, an fp16 layer) through generate(): QuantizedKVCache's tokens and logits;"
+    " the fused layer attends to two pieces (centred prompt, decode tokens) per step. On the codes the keys' table has"
+    " 98 304 entries (int32 indices beside the values' int16); the interpreted Triton encoder gets s96r4 (its search costs O(S))."
+    model = enable_fused_hqmq(tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2))
+    hp = _hqmq_plus(k=('s96r4' if backend == 'triton' else 's4096r5', 'fp16'))
+    ids = torch.randint(1, 64, (2, 21), generator=torch.Generator().manual_seed(4)); am = torch.ones_like(ids)
+    if pad: am[0, :4] = 0
+    calls, name = [], {'triton': 'decode_attention_sources', 'codes': 'code_attention'}.get(backend)
+    if name:
+        real = getattr(fused, name); monkeypatch.setattr(fused, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    fc = FusedHQMQCache(model.config, hp, sink_tokens=sinks, backend=backend)
+    out_f = _gen(model, fc, ids, am)
+    monkeypatch.undo()
+    out_r = _gen(model, QuantizedKVCache(model.config, hp, sink_tokens=sinks), ids, am)
+    assert [type(l).__name__ for l in fc.layers] == ['FusedHQMQLayer', 'QuantizedKVLayer']
+    assert len(calls) == (2 * 3 if name else 0)
+    assert torch.equal(out_f.sequences, out_r.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(out_f.scores, out_r.scores)) < 1e-4
+    lay = fc.layers[0]
+    assert [c is not None for _, c in lay.pieces['k']] == [True, False] and [c for _, c in lay.pieces['v']] == [None]
+    assert lay.nbytes() == sum(s.nbytes() for s in (lay.stores or lay.codes).values()) + 2 * 2 * 16 * 2 + \
+        sum(t.numel() * t.element_size() for t in (lay.keys, lay.values))   # packed or mirrored codes + one fp16 centre per row and head + sinks
+
+
+@pytest.mark.parametrize('backend', ['triton', 'codes'])
+def test_hqmq_plus_pieces_attend_equals_reference(backend):
+    "Writes in several pieces (two centred chunks of a prompt, short uncentred writes between): attend == attend_reference."
+    hp = _hqmq_plus(L=1, H=2, d=16, k=('s96r4',), v=('s24r3',))
+    from tensormem.hqmq_plus import CenteredQuantizer
+    hp = CenteredQuantizer(hp.inner, 'kv')                                 # values centred too: the output shift is checked
+    lay = fused.FusedHQMQLayer(hp, 0, sink_tokens=1, backend=backend)
+    g = torch.Generator().manual_seed(6)
+    k, v = synthetic_kv(2, 2, 60, 16, seed=1) + 2., synthetic_kv(2, 2, 60, 16, seed=2) - 1.   # off-centre K/V
+    pos = torch.tensor([list(range(20)), [1] * 3 + list(range(17))])
+    lay.update(k[:, :, :20], v[:, :, :20], position_ids=pos)
+    for a, b in ((20, 22), (22, 40), (40, 41), (41, 60)):
+        lay.update(k[:, :, a:b], v[:, :, a:b])
+    assert [(s, c is not None) for s, c in lay.pieces['k']] == [(0, True), (19, False), (21, True), (39, False), (40, True)]
+    T = lay.cumulative_length; mask = (torch.arange(T)[None] >= lay.starts[:, None])[:, None, None]
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    ref = lay.attend_reference(q, mask)
+    torch.testing.assert_close(lay.attend(q, mask), ref, atol=2e-5, rtol=2e-5)
+    assert (lay.attend(q, mask) - ref).abs().max() < 1e-4 * ref.abs().max()
+    # the centres matter: without them, attention moves far off
+    saved = lay.pieces; lay.pieces = {r: [(s, None) for s, _ in ps] for r, ps in saved.items()}
+    assert (lay.attend(q, mask) - ref).abs().max() > 1e-2 * ref.abs().max()
+    lay.pieces = saved
+    lay.crop(-25); assert [s for s, _ in lay.pieces['k']] == [0, 19, 21] and lay.cumulative_length == 35
+    lay.batch_select_indices(torch.tensor([1, 1]))
+    assert lay.pieces['k'][0][1].shape[0] == 2 and torch.equal(lay.pieces['k'][0][1][0], lay.pieces['k'][0][1][1])
+
+
+def test_hqmq_plus_beam_search_equals_reference():
+    "Beam search with HQMQ+ (rows reordered: centres follow their rows) gives QuantizedKVCache's tokens."
+    model = enable_fused_hqmq(tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2))
+    hp = _hqmq_plus(k=('s96r4', 's96r4'))
+    ids = torch.randint(1, 64, (2, 18), generator=torch.Generator().manual_seed(8))
+    kw = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, cache=QuantizedKVCache(model.config, hp), **kw)
+    for backend in ('codes', 'torch'):
+        assert torch.equal(model.generate(ids, cache=FusedHQMQCache(model.config, hp, backend=backend), **kw), ref), backend
+
+
+def test_fused_roles_errors():
+    from tensormem.fused import fused_roles
+    from tensormem.hqmq_plus import CenteredQuantizer
+    from tensormem.baselines import NaiveInt
+    hp = _hqmq_plus()
+    with pytest.raises(ValueError, match='twice'): fused_roles(CenteredQuantizer(hp, 'k'), 0)
+    with pytest.raises(TypeError, match='HQMQ layouts'): FusedHQMQCache(tiny_llama().config, NaiveInt(4))
+    with pytest.raises(ValueError, match='fp16'): fused.FusedHQMQLayer(hp, 1)
+
+
+def test_hqmq_plus_on_sliding_window_model_equals_reference():
+    "Gemma 3's layout with HQMQ+: sliding layers stay QuantizedKVCache's, full layers fused; greedy tokens equal QuantizedKVCache's beyond the window."
+    from tensormem.hf_cache import tiny_gemma3
+    model = tiny_gemma3(sliding_window=6, layers=4, pattern=2)
+    cfg = model.config
+    hp = _hqmq_plus(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, k=('s96r4',) * 4, v=('s24r3',) * 4)
+    fc = FusedHQMQCache(cfg, hp)
+    assert [type(l).__name__ for l in fc.layers] == ['QuantizedSlidingKVLayer', 'FusedHQMQLayer'] * 2
+    ids = torch.randint(1, 64, (1, 20), generator=torch.Generator().manual_seed(2))   # a centred prompt write (≥ 16 tokens)
+    gen = dict(max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    ref = model.generate(ids, cache=QuantizedKVCache(cfg, hp), **gen)
+    assert torch.equal(enable_fused_hqmq(model).generate(ids, cache=fc, **gen), ref)
+    assert fc.layers[1].pieces['k'][0][1] is not None

@@ -8,7 +8,7 @@ import math
 from typing import NamedTuple
 import torch, torch.nn.functional as F
 from torch import Tensor
-from ..core import check_tensor
+from ..core import check_tensor, check_int
 from ..quant import check_kv, check_valid, chunk_norms, outlier_mask, pack_bits
 from ..hqmq import HQMQ, HQMQPacked
 from .triton_utils import tl, _jit, _rsum, _rmax, _csum, _p2, _alloc, _const, _need_triton, _backend, _mm
@@ -192,38 +192,42 @@ def _decode_tile(plain_ptr, digits_ptr, sigma_ptr, flags_ptr, outl_ptr, offsets_
 # %% ../../nbs/10a_ops_hqmq.ipynb #11d3cb12
 @_jit
 def _hqmq_decode_attn(q_ptr, k_plain, k_digits, k_sigma, k_flags, k_outl, k_offsets, k_table,
-                      v_plain, v_digits, v_sigma, v_flags, v_outl, v_offsets, v_table, digit_weight_ptr, first_ptr, m_ptr, l_ptr, acc_ptr,
-                      T, k_tok_stride, k_word_stride, k_off_stride, k_out_stride, v_tok_stride, v_word_stride, v_off_stride, v_out_stride,
+                      v_plain, v_digits, v_sigma, v_flags, v_outl, v_offsets, v_table, dw_ptr, first_ptr, m_ptr, l_ptr, acc_ptr,
+                      T0, T, k_tok_stride, k_word_stride, k_off_stride, k_out_stride, v_tok_stride, v_word_stride, v_off_stride, v_out_stride,
                       HKV, G, D, span, scale,
-                      NC: tl.constexpr, NCP: tl.constexpr, NB: tl.constexpr, NF: tl.constexpr, M: tl.constexpr, WID: tl.constexpr,
-                      RB: tl.constexpr, Q: tl.constexpr, NDIG: tl.constexpr, HAS_DIG: tl.constexpr, K_OUT: tl.constexpr,
-                      V_OUT: tl.constexpr, JN: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, NSPLIT: tl.constexpr, DT: tl.constexpr,
+                      NC: tl.constexpr, NCP: tl.constexpr, NF: tl.constexpr,
+                      K_NB: tl.constexpr, K_M: tl.constexpr, K_WID: tl.constexpr, K_RB: tl.constexpr, K_Q: tl.constexpr, K_NDIG: tl.constexpr,
+                      K_HAS_DIG: tl.constexpr, K_JN: tl.constexpr, K_DWP: tl.constexpr,
+                      V_NB: tl.constexpr, V_M: tl.constexpr, V_WID: tl.constexpr, V_RB: tl.constexpr, V_Q: tl.constexpr, V_NDIG: tl.constexpr,
+                      V_HAS_DIG: tl.constexpr, V_JN: tl.constexpr,
+                      K_OUT: tl.constexpr, V_OUT: tl.constexpr, GP: tl.constexpr, BT: tl.constexpr, NSPLIT: tl.constexpr, DT: tl.constexpr,
                       PAD: tl.constexpr):
-    "One context range of one (batch, KV head) for its G query heads: decode K/V tiles, online softmax, store partials."
+    "One context range of one (batch, KV head) for its G query heads: decode K/V tiles (each role its own layout), online softmax, store partials."
     bh = tl.program_id(0); sp = tl.program_id(1); hk = bh % HKV
     DP: tl.constexpr = 4 * NCP
     g = tl.arange(0, GP); e = tl.arange(0, DP)
     qv = tl.load(q_ptr + (bh * G + g)[:, None].to(tl.int64) * D + e[None, :], mask=(g[:, None] < G) & (e[None, :] < D), other=0.).to(tl.float32) * scale
     m = tl.full((GP,), float('-inf'), tl.float32); l = tl.full((GP,), 0, tl.float32); acc = tl.full((GP, DP), 0, tl.float32)
-    tk = k_table + hk.to(tl.int64) * JN * 4; tv = v_table + hk.to(tl.int64) * JN * 4
-    if PAD: first = tl.load(first_ptr + bh // HKV)                          # left padding: tokens before `first` are masked
+    tk = k_table + hk.to(tl.int64) * K_JN * 4; tv = v_table + hk.to(tl.int64) * V_JN * 4
+    if PAD: first = tl.load(first_ptr + bh // HKV)                          # left padding (or a range's start): tokens before `first` are masked
     else: first = 0
-    for t0 in range(sp * span, tl.minimum(sp * span + span, T), BT):
+    for t0 in range(T0 + sp * span, tl.minimum(T0 + sp * span + span, T), BT):   # T0: the range's first tile, a multiple of BT
         t = t0 + tl.arange(0, BT); tok = t < T                           # decode every stored token (outlier ranks count them all)
         if PAD: att = tok & (t >= first)
         else: att = tok
-        k = _decode_tile(k_plain, k_digits, k_sigma, k_flags, k_outl, k_offsets, tk, digit_weight_ptr, bh, t, tok, t0 // BT,
-                         k_tok_stride, k_word_stride, k_off_stride, k_out_stride, NC, NCP, NB, NF, M, WID, RB, Q, NDIG, HAS_DIG, K_OUT)
+        k = _decode_tile(k_plain, k_digits, k_sigma, k_flags, k_outl, k_offsets, tk, dw_ptr, bh, t, tok, t0 // BT,
+                         k_tok_stride, k_word_stride, k_off_stride, k_out_stride, NC, NCP, K_NB, NF, K_M, K_WID, K_RB, K_Q, K_NDIG, K_HAS_DIG, K_OUT)
         s = tl.where(att[None, :], _mm(qv, tl.trans(k), DT), float('-inf'))
         mn = tl.maximum(m, _rmax(s, 1))
         if PAD: mn_ = tl.where(mn == float('-inf'), 0., mn)             # a fully padded tile adds nothing
         else: mn_ = mn
         p = tl.exp(s - mn_[:, None]); alpha = tl.exp(m - mn_)
-        v = _decode_tile(v_plain, v_digits, v_sigma, v_flags, v_outl, v_offsets, tv, digit_weight_ptr, bh, t, tok, t0 // BT,
-                         v_tok_stride, v_word_stride, v_off_stride, v_out_stride, NC, NCP, NB, NF, M, WID, RB, Q, NDIG, HAS_DIG, V_OUT)
+        v = _decode_tile(v_plain, v_digits, v_sigma, v_flags, v_outl, v_offsets, tv, dw_ptr + K_DWP, bh, t, tok, t0 // BT,
+                         v_tok_stride, v_word_stride, v_off_stride, v_out_stride, NC, NCP, V_NB, NF, V_M, V_WID, V_RB, V_Q, V_NDIG, V_HAS_DIG, V_OUT)
         acc = acc * alpha[:, None] + _mm(p, v, DT); l = l * alpha + _rsum(p, 1); m = mn
     o = (bh * NSPLIT + sp).to(tl.int64)
     tl.store(m_ptr + o * GP + g, m); tl.store(l_ptr + o * GP + g, l); tl.store(acc_ptr + (o * GP + g)[:, None] * DP + e[None, :], acc)
+
 
 # %% ../../nbs/10a_ops_hqmq.ipynb #e70683ce
 @_jit
@@ -275,10 +279,21 @@ def packed_source(p:HQMQPacked, # one packed tensor `[B, H, T, d]` (a single wri
                         outlier_tile_offsets(p.flags, nc, block) if o else None,
                         T, p.digits.shape[2] if w else 0, -(-T // block), 0, block, p.layer, p.role)
 
-def _check_pair(hq:HQMQ, pk, pv):
-    for n, p, role in (('pk', pk, 'k'), ('pv', pv, 'v')):
-        if not isinstance(p, HQMQPacked) or (p.S, p.radius_bits, p.role) != (hq.S, hq.radius_bits, role):
-            raise ValueError(f"`{n}` must be an HQMQPacked of role {role!r} made by {hq.name}")
+def _roles(hq) -> tuple[HQMQ, HQMQ]:
+    "(key quantizer, value quantizer) from one HQMQ for both roles or a pair of them (same head_dim and KV heads)."
+    pair = tuple(hq) if isinstance(hq, (tuple, list)) else (hq, hq)
+    if len(pair) != 2 or not all(isinstance(h, HQMQ) for h in pair):
+        raise TypeError(f"`hq` must be an HQMQ quantizer or a (keys, values) pair of them, got {hq!r}")
+    hk, hv = pair
+    if (hk.head_dim, hk.n_kv_heads) != (hv.head_dim, hv.n_kv_heads):
+        raise ValueError(f"the key and value quantizers must share head_dim and n_kv_heads, got {hk.head_dim}/{hv.head_dim} and {hk.n_kv_heads}/{hv.n_kv_heads}")
+    return hk, hv
+
+def _check_pair(hq, pk, pv):
+    "`pk`/`pv` are K and V of one layer made by `hq` (one HQMQ, or a (keys, values) pair: `_roles`)."
+    for n, p, role, h in zip(('pk', 'pv'), (pk, pv), 'kv', _roles(hq)):
+        if not isinstance(p, HQMQPacked) or (p.S, p.radius_bits, p.role) != (h.S, h.radius_bits, role):
+            raise ValueError(f"`{n}` must be an HQMQPacked of role {role!r} made by {h.name}")
     if pk.shape != pv.shape or pk.layer != pv.layer: raise ValueError(f"`pk` and `pv` must have the same shape and layer, got {pk.shape}/{pv.shape}, layers {pk.layer}/{pv.layer}")
 
 # %% ../../nbs/10a_ops_hqmq.ipynb #8cb8ad67
@@ -291,10 +306,22 @@ def _split_plan(T:int, block:int, B:int, H_kv:int, n_split:int|None) -> tuple[in
 
 # %% ../../nbs/10a_ops_hqmq.ipynb #7f660bfd
 def _decode_consts(hq:HQMQ) -> dict:
-    "The packed layout's constexprs of the decode kernel."
+    "One role's packed-layout constexprs of the decode kernel (NC, NCP, NF depend on d_h alone; the rest on S and b_r)."
     L, nc = hq.layout, hq.nc; has_dig = L.q > 1
     return dict(NC=nc, NCP=_p2(nc, 4), NB=-(-nc * hq.width // 8), NF=-(-nc // 8), M=L.m, WID=hq.width, RB=2 ** hq.radius_bits - 1,
                 Q=L.q, NDIG=L.n if has_dig else 1, HAS_DIG=has_dig, JN=24 * hq.S)
+
+def _pair_consts(hk:HQMQ, hv:HQMQ) -> dict:
+    "The kernel's constexprs for keys coded by `hk` and values by `hv`: shared NC, NCP, NF; the rest prefixed K_ and V_."
+    ck, cv = _decode_consts(hk), _decode_consts(hv); shared = ('NC', 'NCP', 'NF')
+    return {**{k: ck[k] for k in shared}, **{f'K_{k}': x for k, x in ck.items() if k not in shared}, **{f'V_{k}': x for k, x in cv.items() if k not in shared}}
+
+def _digit_weights(*hqs:HQMQ) -> tuple:
+    "q^i for the digit positions of one word of each quantizer in turn, each padded to a power of two (ones without digits)."
+    w = ()
+    for hq in hqs:
+        c = _decode_consts(hq); w += tuple(hq.layout.q ** i if c['HAS_DIG'] and i < c['NDIG'] else 1 for i in range(_p2(c['NDIG'])))
+    return w
 
 def _source_args(s:DecodeSource, role:str, has_dig:bool, z:Tensor) -> dict:
     "One role's kernel arguments, named `{role}_…`; `z` (one int32 zero) stands in for absent fields."
@@ -305,23 +332,25 @@ def _source_args(s:DecodeSource, role:str, has_dig:bool, z:Tensor) -> dict:
             f'{role}_out_stride': s.out_stride}
 
 # %% ../../nbs/10a_ops_hqmq.ipynb #c9e23cec
-def _check_sources(q:Tensor, hq:HQMQ, ks:DecodeSource, vs:DecodeSource, T:int, H_kv:int, first:Tensor|None) -> Tensor:
-    "Validate `decode_attention_sources`' inputs; return `first` as `[B]` int32 on q's device (zeros when None)."
+def _check_sources(q:Tensor, hq:HQMQ, ks:DecodeSource, vs:DecodeSource, T:int, H_kv:int, first:Tensor|None, start:int=0) -> Tensor:
+    "Validate `decode_attention_sources`' inputs; return `first` as `[B]` int32 on q's device (zeros when None), raised to `start`."
     check_tensor(q, 'q', ndim=3, finite=False, shape='[B, H_q, d_h]')   # no value scan: it would sync the GPU every step
-    B, d = q.shape[0], hq.head_dim
+    B, d = q.shape[0], _roles(hq)[0].head_dim
     if q.shape[2] != d or q.shape[1] % H_kv: raise ValueError(f"`q` must be [B, k·{H_kv}, {d}], got {tuple(q.shape)}")
     if T <= 0: raise ValueError("the cache is empty (T = 0): nothing to attend to")
+    check_int(start, 'start', 0, T - 1)
     if (ks.role, vs.role) != ('k', 'v') or ks.layer != vs.layer or ks.block != vs.block:
         raise ValueError(f"`ks`/`vs` must be the K and V of one layer with one block size, got roles {ks.role}/{vs.role}, layers {ks.layer}/{vs.layer}")
     st = torch.zeros(B, dtype=torch.int32, device=q.device) if first is None else first.to(device=q.device, dtype=torch.int32).contiguous()
     if st.shape != (B,): raise ValueError(f"`first` must have shape [B] = [{B}], got {tuple(st.shape)}")
-    return st
+    return st.clamp_min(start) if start else st
+
 
 # %% ../../nbs/10a_ops_hqmq.ipynb #37164864
 def decode_attention_sources(q:Tensor, # one query token per sequence `[B, H_q, d_h]`, H_q a multiple of H_kv
-                             hq:HQMQ, # the quantizer that made the cache (joint tables, layout)
+                             hq, # the HQMQ that made both sources, or a (keys, values) pair of them (joint tables, layouts)
                              ks:DecodeSource, vs:DecodeSource, # K and V of one layer
-                             T:int, # tokens in the cache
+                             T:int, # tokens in the cache: the range read ends here
                              H_kv:int, # KV heads
                              first:Tensor|None=None, # `[B]` int: first unmasked token per sequence (left padding), default 0
                              scale:float|None=None, # softmax scale (default 1/√d_h)
@@ -329,50 +358,56 @@ def decode_attention_sources(q:Tensor, # one query token per sequence `[B, H_q, 
                              dot:str|None=None, # 'fp32' or 'fp16' operands of the two dots (default: fp16 on CUDA)
                              num_warps:int=4, # warps per program (GPU tuning knob)
                              return_lse:bool=False, # also return the log-sum-exp `[B, H_q]` (fp32) of the scaled scores
-                             poison:bool=False # fill the outputs before the launch (tests)
+                             poison:bool=False, # fill the outputs before the launch (tests)
+                             start:int=0 # the range read starts here: tokens before it are neither read nor attended
                             ) -> Tensor|tuple[Tensor, Tensor]: # `[B, H_q, d_h]` in q's dtype (and the lse)
-    "Flash-decoding attention of one query token over packed K/V sources, decoded in registers (GQA, Med3× outliers, left padding)."
-    _need_triton(); st = _check_sources(q, hq, ks, vs, T, H_kv, first)
-    (B, Hq, d), dev, lc = q.shape, q.device, _decode_consts(hq)
-    G = Hq // H_kv; n_split, span = _split_plan(T, ks.block, B, H_kv, n_split); GP, DP = max(16, _p2(G)), 4 * lc['NCP']
+    "Flash-decoding attention of one query token over tokens [start, T) of packed K/V sources, decoded in registers (GQA, Med3× outliers, left padding)."
+    _need_triton(); st = _check_sources(q, hq, ks, vs, T, H_kv, first, start); hk, hv = _roles(hq)
+    (B, Hq, d), dev, lc = q.shape, q.device, _pair_consts(hk, hv)
+    T0 = start // ks.block * ks.block                                   # whole tiles: the outlier offsets are kept per tile
+    G = Hq // H_kv; n_split, span = _split_plan(T - T0, ks.block, B, H_kv, n_split); GP, DP = max(16, _p2(G)), 4 * lc['NCP']
     z = _const((0,), dev, torch.int32)
-    pw = _const(tuple(hq.layout.q ** i if lc['HAS_DIG'] and i < lc['NDIG'] else 1 for i in range(_p2(lc['NDIG']))), dev)
+    dw = _digit_weights(hk) if _digit_weights(hk) == _digit_weights(hv) else _digit_weights(hk, hv)   # one copy when equal: one load per tile
     m_buf = torch.empty(B * H_kv, n_split, GP, device=dev); l_buf = torch.empty_like(m_buf); acc = torch.empty(B * H_kv, n_split, GP, DP, device=dev)
     out, lse = _alloc((B, Hq, d), q.dtype, dev, poison), _alloc((B, Hq), torch.float32, dev, poison)
     _hqmq_decode_attn[(B * H_kv, n_split)](
-        q_ptr=q.contiguous(), **_source_args(ks, 'k', lc['HAS_DIG'], z), **_source_args(vs, 'v', lc['HAS_DIG'], z),
-        k_table=hq.codebook(ks.layer, 'k', dev)[1].float().contiguous(), v_table=hq.codebook(vs.layer, 'v', dev)[1].float().contiguous(),
-        digit_weight_ptr=pw, first_ptr=st, m_ptr=m_buf, l_ptr=l_buf, acc_ptr=acc, T=T, HKV=H_kv, G=G, D=d, span=span,
+        q_ptr=q.contiguous(), **_source_args(ks, 'k', lc['K_HAS_DIG'], z), **_source_args(vs, 'v', lc['V_HAS_DIG'], z),
+        k_table=hk.codebook(ks.layer, 'k', dev)[1].float().contiguous(), v_table=hv.codebook(vs.layer, 'v', dev)[1].float().contiguous(),
+        dw_ptr=_const(dw, dev), K_DWP=len(dw) - len(_digit_weights(hv)), first_ptr=st, m_ptr=m_buf, l_ptr=l_buf, acc_ptr=acc,
+        T0=T0, T=T, HKV=H_kv, G=G, D=d, span=span,
         scale=1 / math.sqrt(d) if scale is None else scale, K_OUT=ks.flags is not None, V_OUT=vs.flags is not None, GP=GP, BT=ks.block,
-        NSPLIT=n_split, DT={'fp32': 0, 'fp16': 1}[dot or ('fp16' if q.is_cuda else 'fp32')], PAD=first is not None, num_warps=num_warps, **lc)
+        NSPLIT=n_split, DT={'fp32': 0, 'fp16': 1}[dot or ('fp16' if q.is_cuda else 'fp32')], PAD=first is not None or start > 0,
+        num_warps=num_warps, **lc)
     _combine_splits[(B * H_kv, G)](m_ptr=m_buf, l_ptr=l_buf, acc_ptr=acc, out_ptr=out, lse_ptr=lse, G=G, D=d, GP=GP, DP=DP,
                                    NSPLIT=n_split, NSP=_p2(n_split), LSE=return_lse)
     return (out, lse) if return_lse else out
 
+
 # %% ../../nbs/10a_ops_hqmq.ipynb #c5e00c0c
 def hqmq_decode_attention(q:Tensor, # one query token per sequence `[B, H_q, d_h]`, H_q a multiple of H_kv
-                          hq:HQMQ, # the quantizer that made the cache (joint tables, layout)
+                          hq, # the HQMQ that made the cache, or a (keys, values) pair of them
                           pk:HQMQPacked, pv:HQMQPacked, # packed K and V of one layer `[B, H_kv, T, d_h]`
                           scale:float|None=None, # softmax scale (default 1/√d_h)
                           block:int=32, # tokens per decoded tile (power of two ≥ 16)
-                          **kwargs # `first`, `n_split`, `dot`, `num_warps`, `return_lse`, `poison` of `decode_attention_sources`
+                          **kwargs # `first`, `start`, `n_split`, `dot`, `num_warps`, `return_lse`, `poison` of `decode_attention_sources`
                          ) -> Tensor: # `[B, H_q, d_h]` in q's dtype
     "Flash-decoding attention of one query token over a packed HQMQ K/V cache, decoded in registers (GQA, Med3× outliers)."
     _need_triton(); _check_pair(hq, pk, pv)
     B, Hkv, T, d = pk.shape
     if q.ndim != 3 or q.shape[0] != B or q.shape[2] != d or q.shape[1] % Hkv: raise ValueError(f"`q` must be [B={B}, k·{Hkv}, {d}], got {tuple(q.shape)}")
     BT = _p2(block, 16)
-    return decode_attention_sources(q, hq, packed_source(pk, hq.nc, BT), packed_source(pv, hq.nc, BT), T, Hkv, scale=scale, **kwargs)
+    nc = _roles(hq)[0].nc
+    return decode_attention_sources(q, hq, packed_source(pk, nc, BT), packed_source(pv, nc, BT), T, Hkv, scale=scale, **kwargs)
 
 # %% ../../nbs/10a_ops_hqmq.ipynb #1df57456
 def dequant_sdpa(q:Tensor, # `[B, H_q, d_h]`
-                 hq:HQMQ, pk:HQMQPacked, pv:HQMQPacked, # quantizer and packed K, V `[B, H_kv, T, d_h]`
+                 hq, pk:HQMQPacked, pv:HQMQPacked, # quantizer (or a (keys, values) pair) and packed K, V `[B, H_kv, T, d_h]`
                  scale:float|None=None, # default 1/√d_h
                  dtype:torch.dtype|None=None # compute dtype (default q's)
                 ) -> Tensor: # `[B, H_q, d_h]`
     "Reference decode: dequantize K and V with `HQMQ.dequantize`, repeat KV heads, `scaled_dot_product_attention`."
     dtype = dtype or q.dtype; G = q.shape[1] // pk.shape[1]
-    k, v = [hq.dequantize(p).to(dtype).repeat_interleave(G, 1) for p in (pk, pv)]
+    k, v = [h.dequantize(p).to(dtype).repeat_interleave(G, 1) for h, p in zip(_roles(hq), (pk, pv))]
     return F.scaled_dot_product_attention(q.to(dtype)[:, :, None], k, v, scale=scale)[:, :, 0]
 
 # %% ../../nbs/10a_ops_hqmq.ipynb #d0ba7297
@@ -386,12 +421,14 @@ def fp16_kv_bytes(B:int, H_kv:int, T:int, d:int) -> int:
 
 # %% ../../nbs/10a_ops_hqmq.ipynb #fcb4c7f4
 def kernel_specs() -> list[dict]:
-    "The HQMQ kernels at the benchmark's shapes (s96r4, d_h 128, G = 4), for `triton_utils.compile_report`."
+    "The HQMQ kernels at the benchmark's shapes (s96r4, d_h 128, G = 4; and keys s4096r5 with values s768r4, as `hqmq+`), for `triton_utils.compile_report`."
     f32, h = '*fp32', '*fp16'
     enc = dict(x_ptr=h, secondary_ptr=f32, outlier_ptr='*u8', digit_weight_ptr='*i64', plain_ptr='*u8', digits_ptr='*i32', sigma_ptr=h)
     role = lambda r: {f'{r}_plain': '*u8', f'{r}_digits': '*i32', f'{r}_sigma': h, f'{r}_flags': '*u8', f'{r}_outl': h, f'{r}_offsets': '*i32', f'{r}_table': f32}
-    dec = dict(q_ptr=h, **role('k'), **role('v'), digit_weight_ptr='*i64', first_ptr='*i32', m_ptr=f32, l_ptr=f32, acc_ptr=f32, scale='fp32')
-    dc = dict(NC=32, NCP=32, NB=48, NF=4, M=8, WID=12, RB=15, Q=9, NDIG=10, HAS_DIG=True, JN=2304, GP=16, NSPLIT=32, DT=1, PAD=False)
+    dec = dict(q_ptr=h, **role('k'), **role('v'), dw_ptr='*i64', first_ptr='*i32', m_ptr=f32, l_ptr=f32, acc_ptr=f32, scale='fp32')
+    lay = dict(NB=48, M=8, WID=12, RB=15, Q=9, NDIG=10, HAS_DIG=True, JN=2304)
+    dc = dict(NC=32, NCP=32, NF=4, **{f'{r}_{k}': x for r in 'KV' for k, x in lay.items()}, K_DWP=0, GP=16, NSPLIT=32, DT=1, PAD=False)
+    plus = {k: x for k, x in _pair_consts(HQMQ(4096, 5, 1, 8, 128), HQMQ(768, 4, 1, 8, 128)).items() if k[:2] in ('K_', 'V_')}   # hqmq+'s SmolLM2 roles
     spec = lambda k, t, c, w, lab: dict(kernel=k, types=t, consts=c, num_warps=w, label=lab)
     return [spec(_hqmq_encode, enc, dict(D=128, NC=32, NCP=32, NB=48, NBP=64, M=8, WID=12, QMAX=15, NDIG=10, TI=16, WPB=2, HAS_DIG=True,
                                          HAS_OUT=True, SIG_OUT=False), 4, 'HAS_OUT=True'),
@@ -399,4 +436,5 @@ def kernel_specs() -> list[dict]:
             spec(_hqmq_decode_attn, dec, dict(dc, K_OUT=True, V_OUT=True, BT=32), 4, 'BT=32, outliers'),
             spec(_hqmq_decode_attn, dec, dict(dc, K_OUT=False, V_OUT=False, BT=64), 8, 'BT=64'),
             spec(_hqmq_decode_attn, dec, dict(dc, K_OUT=True, V_OUT=True, BT=32, PAD=True), 4, 'BT=32, outliers, padding'),
+            spec(_hqmq_decode_attn, dec, dict(dc, **plus, K_DWP=32, K_OUT=False, V_OUT=False, BT=32), 8, 'BT=32, hqmq+ roles'),
             spec(_combine_splits, dict(m_ptr=f32, l_ptr=f32, acc_ptr=f32, out_ptr=h, lse_ptr=f32), dict(GP=16, DP=128, NSPLIT=32, NSP=32, LSE=True), 4, '')]

@@ -265,10 +265,11 @@ static inline __attribute__((always_inline)) void value_row(const int G, int64_t
 
 /* One decode step of one layer on the code mirrors. Rows r = b·H + h with G query heads each; codes chunk-major
    kj/vj [R, nc, cap] (jbytes 2 or 4), krq/vrq [R, nc, cap] uint8, σ ksg/vsg [R, cap] fp16; codebooks CK/CV [H, NJ, 4];
-   q [R, G, 4nc] fp32 zero-padded; first [R] first attended position (NULL: 0); outliers (row, t, c, value fp16).
+   q [R, G, 4nc] fp32 zero-padded; first [R] first attended position (NULL: 0); positions ≥ T are not read; outliers
+   (row, t, c, value fp16). Keys and values may use different codebooks: NJK/NJV entries, radius scales, index widths.
    Writes out [R, G, 4nc] and lse [R, G] (−inf and 0 for a row with nothing attended); s [R, G, cap] is scratch. */
-int tm_code_attention(int64_t R, int64_t H, int64_t G, int64_t nc, int64_t T, int64_t cap, int64_t NJ,
-    const float *q, float scale, float inv_qmax, int jbytes,
+int tm_code_attention(int64_t R, int64_t H, int64_t G, int64_t nc, int64_t T, int64_t cap, int64_t NJK, int64_t NJV,
+    const float *q, float scale, float kinv_qmax, float vinv_qmax, int kjbytes, int vjbytes,
     const char *kj, const uint8_t *krq, const uint16_t *ksg, const float *CK,
     const char *vj, const uint8_t *vrq, const uint16_t *vsg, const float *CV, const int64_t *first,
     int64_t nko, const int64_t *kor, const int64_t *kot, const int64_t *koc, const uint16_t *kov,
@@ -283,8 +284,8 @@ int tm_code_attention(int64_t R, int64_t H, int64_t G, int64_t nc, int64_t T, in
     #pragma omp for schedule(static) collapse(2)
     for (int64_t r = 0; r < R; r++) for (int64_t b = 0; b < nb; b++) {
       const int64_t lo = T0(r) > b * TB ? T0(r) : b * TB, hi = (b + 1) * TB < T ? (b + 1) * TB : T;
-      if (lo < hi) BY_G(key_row, G, nc, lo, hi, cap, q + r * G * D, kj + r * nc * cap * jbytes, jbytes, krq + r * nc * cap,
-                        ksg + r * cap, CK + (r % H) * NJ * 4, scale * inv_qmax, s + r * G * cap)
+      if (lo < hi) BY_G(key_row, G, nc, lo, hi, cap, q + r * G * D, kj + r * nc * cap * kjbytes, kjbytes, krq + r * nc * cap,
+                        ksg + r * cap, CK + (r % H) * NJK * 4, scale * kinv_qmax, s + r * G * cap)
     }
     #pragma omp single
     for (int64_t i = 0; i < nko; i++) {                 /* outlier keys: exact ⟨q_c, x⟩ */
@@ -310,8 +311,8 @@ int tm_code_attention(int64_t R, int64_t H, int64_t G, int64_t nc, int64_t T, in
         for (int64_t t = t0; t < T; t++) sg[t] *= iz;
         lse[r * G + g] = m + logf(z);
       }
-      if (t0 < T) BY_G(value_row, G, nc, t0, T, cap, s + r * G * cap, vj + r * nc * cap * jbytes, jbytes, vrq + r * nc * cap,
-                       vsg + r * cap, CV + (r % H) * NJ * 4, inv_qmax, out + r * G * D)
+      if (t0 < T) BY_G(value_row, G, nc, t0, T, cap, s + r * G * cap, vj + r * nc * cap * vjbytes, vjbytes, vrq + r * nc * cap,
+                       vsg + r * cap, CV + (r % H) * NJV * 4, vinv_qmax, out + r * G * D)
     }
     #pragma omp single
     for (int64_t i = 0; i < nvo; i++) {                 /* outlier values: exact w_t x */
@@ -341,20 +342,21 @@ def _outlier_args(m:HQMQCodes) -> list:
 
 def compiled_code_attention(q:Tensor, # one query token `[B, H_q, d_h]`, checked by the caller
                             kc:HQMQCodes, vc:HQMQCodes, scaling:float|None=None,
-                            first:Tensor|None=None # `[B]`: first attended position of the codes
+                            first:Tensor|None=None, # `[B]`: first attended position of the codes
+                            end:int|None=None # codes from this position on are not attended (default: all)
                            ) -> tuple[Tensor, Tensor]|None: # (output `[B, H_q, d_h]` fp32, lse `[B, H_q]`), or None without a C compiler
     "The compiled decode step over the code mirrors alone (no sinks)."
     lib = c_library('code_attention', CODE_ATTENTION_C)
     if lib is None: return None
-    (B, Hq, d), H, nc, T = q.shape, kc.H, kc.hq.nc, kc.T; G, R, cap = Hq // H, B * kc.H, kc.j.shape[2]
-    if G > 16 or vc.j.shape[2] != cap or vc.j.dtype != kc.j.dtype or vc.sigma.shape[1] != cap: return None
+    (B, Hq, d), H, nc, T = q.shape, kc.H, kc.hq.nc, kc.T if end is None else end; G, R, cap = Hq // H, B * kc.H, kc.j.shape[2]
+    if G > 16 or vc.j.shape[2] != cap or vc.sigma.shape[1] != cap: return None
     q4 = F.pad(q.float(), (0, 4 * nc - d)).reshape(R, G, 4 * nc).contiguous()
     CK, CV = (m.hq.codebook(m.layer, m.role, 'cpu')[1].contiguous() for m in (kc, vc))
     fr = None if first is None else first.to(torch.int64).repeat_interleave(H).contiguous()
     out, lse, s = torch.empty(R, G, 4 * nc), torch.empty(R, G), torch.empty(R, G, cap)
-    lib.tm_code_attention(*map(ctypes.c_int64, (R, H, G, nc, T, cap, CK.shape[1])), c_ptr(q4),
-                          ctypes.c_float(1 / math.sqrt(d) if scaling is None else scaling), ctypes.c_float(1 / kc.qmax),
-                          ctypes.c_int(kc.j.element_size()), c_ptr(kc.j), c_ptr(kc.rq), c_ptr(kc.sigma), c_ptr(CK),
+    lib.tm_code_attention(*map(ctypes.c_int64, (R, H, G, nc, T, cap, CK.shape[1], CV.shape[1])), c_ptr(q4),
+                          ctypes.c_float(1 / math.sqrt(d) if scaling is None else scaling), ctypes.c_float(1 / kc.qmax), ctypes.c_float(1 / vc.qmax),
+                          ctypes.c_int(kc.j.element_size()), ctypes.c_int(vc.j.element_size()), c_ptr(kc.j), c_ptr(kc.rq), c_ptr(kc.sigma), c_ptr(CK),
                           c_ptr(vc.j), c_ptr(vc.rq), c_ptr(vc.sigma), c_ptr(CV), c_ptr(fr),
                           *_outlier_args(kc), *_outlier_args(vc), c_ptr(out), c_ptr(lse), c_ptr(s), ctypes.c_int(torch.get_num_threads()))
     return out[..., :d].reshape(B, Hq, d), lse.view(B, Hq)
@@ -374,12 +376,14 @@ def attend_dense(q:Tensor, # one query token `[B, H_q, d_h]`
     return torch.einsum('bht,bhtd->bhd', (s - lse[..., None]).exp().nan_to_num(0.), v), lse
 
 # %% ../../nbs/10c_ops_hqmq_codes.ipynb #543e2d15
-def _check_step(q, kc, vc, first, sink_k, sink_v):
+def _check_step(q, kc, vc, first, sink_k, sink_v, end=None):
     "Raise a clear error naming the argument unless the decode step's inputs fit together."
     check_tensor(q, 'q', ndim=3, shape='[B, H_q, d_h]')
     for n, m, role in (('kc', kc, 'k'), ('vc', vc, 'v')):
         if not isinstance(m, HQMQCodes) or m.role != role: raise TypeError(f"`{n}` must be the HQMQCodes of role {role!r}, got {m!r}")
-    if (kc.layer, kc.T, kc.B, kc.hq) != (vc.layer, vc.T, vc.B, vc.hq): raise ValueError(f"`kc` and `vc` must be one layer's K and V (same quantizer, B and T), got {kc!r} and {vc!r}")
+    if (kc.layer, kc.T, kc.B, kc.H, kc.hq.head_dim) != (vc.layer, vc.T, vc.B, vc.H, vc.hq.head_dim):
+        raise ValueError(f"`kc` and `vc` must be one layer's K and V (same B, heads, head_dim and T), got {kc!r} and {vc!r}")
+    if end is not None: check_int(end, 'end', 1, kc.T)
     B, Hq, d = q.shape
     if B != kc.B or d != kc.hq.head_dim or Hq % kc.H: raise ValueError(f"`q` must be [{kc.B}, k·{kc.H}, {kc.hq.head_dim}], got {tuple(q.shape)}")
     if (sink_k is None) != (sink_v is None): raise ValueError("`sink_k` and `sink_v` must be given together")
@@ -396,14 +400,15 @@ def code_attention(q:Tensor, # one query token `[B, H_q, d_h]` (post-RoPE), H_q 
                    scaling:float|None=None, # softmax scale (default 1/√d_h)
                    first:Tensor|None=None, # `[B]`: keys before it are masked (left padding), sinks counted first
                    sink_k:Tensor|None=None, sink_v:Tensor|None=None, # unquantized keys/values before the codes `[B, H_kv, T_s, d_h]`
-                   backend:str='auto' # 'auto' (compiled on the CPU when a C compiler works), 'c' or 'torch'
+                   backend:str='auto', # 'auto' (compiled on the CPU when a C compiler works), 'c' or 'torch'
+                   end:int|None=None # codes from this position on are not attended (a leading range of the mirrors; default all)
                   ) -> tuple[Tensor, Tensor]: # (output `[B, H_q, d_h]` in q's dtype, log-sum-exp `[B, H_q]` fp32)
     "Decode attention scored on the codes (nothing dequantized): sinks and outliers exact, one softmax, values binned by code."
-    _check_step(q, kc, vc, first, sink_k, sink_v)
+    _check_step(q, kc, vc, first, sink_k, sink_v, end)
     if backend not in ('auto', 'c', 'torch'): raise ValueError(f"`backend` must be 'auto', 'c' or 'torch', got {backend!r}")
     if backend != 'torch' and q.device.type == 'cpu' and kc.T:
         ns = 0 if sink_k is None else sink_k.shape[2]
-        r = compiled_code_attention(q, kc, vc, scaling, None if first is None else (first.to(q.device) - ns).clamp_min(0))
+        r = compiled_code_attention(q, kc, vc, scaling, None if first is None else (first.to(q.device) - ns).clamp_min(0), end)
         if r is None and backend == 'c': raise RuntimeError("the compiled code attention is not available (no C compiler, TENSORMEM_NO_C set, or more than 16 query heads per KV head)")
         if r is not None:
             o, lse = r
@@ -416,6 +421,7 @@ def code_attention(q:Tensor, # one query token `[B, H_q, d_h]` (post-RoPE), H_q 
     if sink_k is not None: s = torch.cat([torch.einsum('bhgd,bhtd->bhgt', q.float().view(B, H, G, d), sink_k.float()).reshape(B * H, G, -1), s], -1)
     s = s * (1 / math.sqrt(d) if scaling is None else scaling)
     if first is not None: s = s.masked_fill(torch.arange(s.shape[-1], device=s.device) < first.to(s.device).repeat_interleave(H)[:, None, None], float('-inf'))
+    if end is not None: s[..., s.shape[-1] - T + end:] = float('-inf')
     lse = torch.logsumexp(s, -1); w = (s - lse[..., None]).exp().nan_to_num(0.); ns = s.shape[-1] - T
     o = q.new_zeros(B, H, G, d, dtype=torch.float32)
     if T: o = value_mix(w[..., ns:].contiguous(), vc).permute(1, 0, 2, 3).reshape(B, H, G, 4 * nc)[..., :d]
