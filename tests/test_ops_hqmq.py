@@ -6,7 +6,7 @@ realistic sizes."""
 import os
 import torch
 if not torch.cuda.is_available(): os.environ.setdefault('TRITON_INTERPRET', '1')   # before anything imports triton
-import dataclasses, subprocess, sys
+import dataclasses, math, subprocess, sys
 import pytest
 from tensormem.ops.hqmq import hqmq_encode, hqmq_decode_attention, dequant_sdpa, outlier_tile_offsets, decode_bytes, fp16_kv_bytes
 from tensormem.ops.triton_utils import HAS_CUDA, HAS_TRITON
@@ -128,3 +128,25 @@ def test_cuda_encode_matches_quantize():
     j1, r1 = hq.codes(mine); j2, r2 = hq.codes(ref)
     assert (j1 == j2).float().mean() > 0.999 and (r1 == r2).float().mean() > 0.999   # FMA rounding may flip near-ties
     assert torch.equal(mine.sigma, ref.sigma)
+
+
+@pytest.mark.parametrize('kcfg,vcfg,start,end,pad', [((48, 4, 'med_token'), (3, 2, None), 0, 75, False), ((3, 2, None), (48, 4, 'med'), 37, 75, True),
+                                                      ((12, 3, None), (96, 5, None), 16, 61, False), ((48, 4, 'med_token'), (12, 3, 'med_token'), 50, 51, True)])
+def test_fused_decode_two_layouts_and_ranges(kcfg, vcfg, start, end, pad):
+    "Keys and values with their own S, b_r, digits and outliers (a (keys, values) pair), over tokens [start, end): == dequantize + SDPA there."
+    from tensormem.hf_cache import packed_head
+    hk, hv = HQMQ(*kcfg[:2], 2, 2, 20, outliers=kcfg[2]), HQMQ(*vcfg[:2], 2, 2, 20, outliers=vcfg[2])
+    pk, pv = hk.quantize(synthetic_kv(2, 2, 75, 20, seed=5), 1, 'k'), hv.quantize(synthetic_kv(2, 2, 75, 20, seed=6), 1, 'v')
+    q = torch.randn(2, 6, 20, generator=torch.Generator().manual_seed(start))
+    first = torch.tensor([0, start + 3]) if pad else None
+    cut = lambda p: packed_head(p, end)
+    o, lse = hqmq_decode_attention(q, (hk, hv), cut(pk), cut(pv), block=16, n_split=2, start=start, first=first, return_lse=True, poison=True)
+    lo = start if first is None else torch.maximum(first, torch.tensor(start))
+    k, v = (h.dequantize(p).double().repeat_interleave(3, 1)[:, :, :end] for h, p in ((hk, pk), (hv, pv)))
+    s = torch.einsum('bhd,bhtd->bht', q.double(), k) / math.sqrt(20)
+    s = s.masked_fill(torch.arange(end) < torch.as_tensor(lo).reshape(-1, 1, 1), float('-inf'))
+    ref = torch.einsum('bht,bhtd->bhd', s.softmax(-1).nan_to_num(0.), v)
+    assert (o.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    fin = s.logsumexp(-1).isfinite()
+    assert torch.allclose(lse.double()[fin], s.logsumexp(-1)[fin], atol=1e-4) and bool((lse[~fin] == float('-inf')).all())
+    with pytest.raises(ValueError, match='made by'): hqmq_decode_attention(q, (hv, hk), pk, pv)

@@ -217,3 +217,22 @@ def test_torch_fallback_without_compiler(monkeypatch):
     assert torch.equal(a.j[..., :20], b.j[..., :20]) and torch.equal(a.rq[..., :20], b.rq[..., :20]) and a.n_out == b.n_out
     with pytest.raises(RuntimeError, match='compiled code attention is not available'): code_attention(torch.randn(1, 9, 64), a, v, backend='c')
     assert code_attention(torch.randn(1, 9, 64), a, v)[0].shape == (1, 9, 64)
+
+
+@pytest.mark.parametrize('backend', ['c', 'torch'])
+def test_two_layouts_and_leading_range(backend):
+    "Keys s2048r5 (int32 indices, 5 radius bits, outliers) and values s12r3 (int16, 3 bits); `end` attends to the codes before it only."
+    from tensormem.ops.hqmq_codes import attend_dense
+    B, H, T, d = 2, 2, 90, 16
+    hk, hv = HQMQ(2048, 5, 1, H, d, outliers='med_token'), HQMQ(12, 3, 1, H, d)
+    k, v = synthetic_kv(B, H, T, d, seed=3), synthetic_kv(B, H, T, d, seed=4)
+    kc, vc = HQMQCodes(hk, 0, 'k', B, H).append(hk.quantize(k, 0, 'k')), HQMQCodes(hv, 0, 'v', B, H).append(hv.quantize(v, 0, 'v'))
+    assert (kc.j.dtype, vc.j.dtype) == (torch.int32, torch.int16) and kc.n_out > 0
+    kd, vd = hk.dequantize(hk.quantize(k, 0, 'k')), hv.dequantize(hv.quantize(v, 0, 'v'))
+    q = torch.randn(B, 6, d, generator=torch.Generator().manual_seed(0))
+    for first, end in [(None, None), (torch.tensor([0, 30]), 50), (torch.tensor([48, 49]), 49)]:
+        o, lse = code_attention(q, kc, vc, first=first, end=end, backend=backend)
+        ro, rl = attend_dense(q, kd[:, :, :end], vd[:, :, :end], first=first)
+        assert (o.double() - ro).abs().max() < 1e-4 * ro.abs().max()
+        fin = rl.isfinite(); assert torch.allclose(lse.double()[fin], rl[fin], atol=1e-4) and bool((lse[~fin] == float('-inf')).all())
+    with pytest.raises(ValueError, match='`end` must be'): code_attention(q, kc, vc, end=0)
