@@ -286,12 +286,13 @@ class FusedHQMQLayer(QuantizedKVLayer):
     def __init__(self, quantizer, # an HQMQ, or HQMQ+ whose roles of this layer are HQMQ-coded (`fused_roles`)
                  layer_idx:int, sink_tokens:int=0,
                  backend:str='auto', # 'auto' (Triton kernel on CUDA, attention on the codes on CPU), 'triton', 'codes' or 'torch'
-                 block:int=32 # tokens per tile of the decode kernel
+                 block:int=32, # tokens per tile of the decode kernel
+                 sink_dtype:torch.dtype|None=None # the sinks' dtype (None: as given)
                 ):
         if backend not in BACKENDS: raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
         roles = fused_roles(quantizer, layer_idx)
         if roles is None: raise ValueError(f"layer {layer_idx} of `quantizer` stores a role in fp16: nothing for the fused kernel (`FusedHQMQCache` keeps such layers as `QuantizedKVLayer`)")
-        super().__init__(quantizer, layer_idx, sink_tokens, False)
+        super().__init__(quantizer, layer_idx, sink_tokens, False, sink_dtype=sink_dtype)
         self.roles, self.backend, self.block, self.stores, self.codes = roles, backend, block, None, None
         self.pieces = {'k': [], 'v': []}   # per role: (first stored token, centre or None) of each run of tokens sharing one centre
 
@@ -352,7 +353,7 @@ def _decoded(self:FusedHQMQLayer, role:str) -> Tensor:
 @patch
 def _history(self:FusedHQMQLayer, role:str, dtype) -> Tensor:
     "The whole history of `role` `[B, H, T, D]`: the as-given prefix, the store decoded, each row's sinks exact (prefill, reference)."
-    plain, held = self.keys if role == 'k' else self.values, self.codes or self.stores
+    plain, held = (self.keys if role == 'k' else self.values).to(dtype), self.codes or self.stores
     if not (held and len(held[role])): return plain
     a, b = self.packed_start, min(self.plain_end, self.cumulative_length)
     h = torch.cat([plain[..., :a, :], self._decoded(role).to(dtype)], -2)
@@ -535,14 +536,15 @@ class FusedHQMQCache(QuantizedKVCache):
                  sink_tokens:int=0, # first positions kept unquantized (attention sinks)
                  fp_layers=(), # layer indices stored unquantized
                  backend:str='auto', # 'auto' (Triton on CUDA, codes on CPU), 'triton' (CPU = interpreter), 'codes' or 'torch' (reference)
-                 block:int=32 # tokens per tile of the decode kernel
+                 block:int=32, # tokens per tile of the decode kernel
+                 sink_dtype:torch.dtype|None=None # the sinks' dtype (None: as given; `QuantizedKVCache`)
                 ):
         fused_roles(quantizer, 0)                                      # a TypeError naming what the kernels read, before anything is built
         if backend not in BACKENDS: raise ValueError(f"`backend` must be one of {BACKENDS}, got {backend!r}")
-        super().__init__(config, quantizer, sink_tokens, fp_layers)
+        super().__init__(config, quantizer, sink_tokens, fp_layers, sink_dtype=sink_dtype)
         self.backend, self.block = backend, block
         # sliding-window layers (Gemma 3) keep `QuantizedKVCache`'s sliding layer: they hold at most W − 1 tokens, decoded per step;
         # so do layers with a role in fp16 (an HQMQ+ plan may keep one)
         keep = lambda i, l: l.full_precision or l.is_sliding or fused_roles(quantizer, i) is None
-        self.layers = [l if keep(i, l) else FusedHQMQLayer(quantizer, i, sink_tokens, backend, block) for i, l in enumerate(self.layers)]
+        self.layers = [l if keep(i, l) else FusedHQMQLayer(quantizer, i, sink_tokens, backend, block, sink_dtype) for i, l in enumerate(self.layers)]
     def __repr__(self): return f"FusedHQMQCache({self.quantizer!r}, sink_tokens={self.sink_tokens}, fp_layers={self.fp_layers}, backend={self.backend!r})"

@@ -325,13 +325,15 @@ class QuantizedKVLayer(DynamicLayer):
                  sink_tokens:int=0, # first real tokens of each row kept unquantized
                  full_precision:bool=False, # keep the whole layer unquantized
                  recent_tokens:int=0, # last tokens kept in `recent_dtype`, packed only once they leave this window (KIVI-style)
-                 recent_dtype:torch.dtype|None=torch.float16 # the window's dtype (None: as given, lossless)
+                 recent_dtype:torch.dtype|None=torch.float16, # the window's dtype (None: as given, lossless)
+                 sink_dtype:torch.dtype|None=None # the kept sinks' dtype (None: as given; fp16 on an fp32 model stores them as a 16-bit cache would)
                 ):
         super().__init__()
         self.quantizer, self.layer_idx, self.sink_tokens, self.full_precision = quantizer, layer_idx, sink_tokens, full_precision
         self.cumulative_length, self.packed, self.starts = 0, {'k': [], 'v': []}, None
         self.packed_start = self.plain_end = self.valid_from = 0   # the layout, set at the first write
         self.recent_tokens, self.recent_dtype, self.recent = recent_tokens, recent_dtype, {'k': None, 'v': None}
+        self.sink_dtype = None if full_precision else sink_dtype   # whole unquantized layers stay as given
 
     def get_seq_length(self) -> int: return self.cumulative_length
 
@@ -364,7 +366,7 @@ def _set_starts(self:QuantizedKVLayer, starts:torch.Tensor # `[B]` each row's fi
 def lazy_initialization(self:QuantizedKVLayer, key_states, value_states):
     "Empty `[B, H, 0, D]` K/V (never views of the first write, which would keep it alive) and the batch geometry."
     self.device, self.is_initialized, self._shape = key_states.device, True, tuple(key_states.shape)
-    empty = lambda x: x.new_empty(*x.shape[:2], 0, x.shape[3])
+    empty = lambda x: x.new_empty(*x.shape[:2], 0, x.shape[3], dtype=self.sink_dtype or x.dtype)
     self.keys, self.values = empty(key_states), empty(value_states)
 
 # %% ../nbs/04_hf_cache.ipynb #f0517674
@@ -374,7 +376,8 @@ def _write(self:QuantizedKVLayer, x:torch.Tensor, role:str):
     T, t = self.cumulative_length, x.shape[-2]
     n_plain, skip = max(0, min(t, self.plain_end - T)), max(0, min(t, self.packed_start - T))
     if n_plain:
-        plain = torch.cat([self.keys if role == 'k' else self.values, x[..., :n_plain, :]], -2)
+        held = self.keys if role == 'k' else self.values
+        plain = torch.cat([held, x[..., :n_plain, :].to(held.dtype)], -2)              # in `sink_dtype` when set
         if role == 'k': self.keys = plain
         else: self.values = plain
     if skip < t: self._pack(x[..., skip:, :], role, T + skip)
@@ -407,7 +410,7 @@ def _quantize(self:QuantizedKVLayer, x:torch.Tensor, role:str, t0:int):
 @patch
 def _history(self:QuantizedKVLayer, role:str, dtype:torch.dtype) -> torch.Tensor:
     "The whole history of `role` `[B, H, T, D]`: the as-given prefix, the packed rest decoded, the recent window, each row's sinks exact."
-    plain = self.keys if role == 'k' else self.values
+    plain = (self.keys if role == 'k' else self.values).to(dtype)
     deq = [self.quantizer.dequantize(p).to(dtype) for p in self.packed[role]]
     if self.recent[role] is not None: deq.append(self.recent[role].to(dtype))      # the recent window follows the packed tokens
     if not deq: return plain
@@ -633,16 +636,18 @@ class QuantizedKVCache(Cache):
                  sink_tokens:int=0, # first real tokens of each row kept unquantized (attention sinks; full-attention models)
                  fp_layers=(), # layer indices stored unquantized
                  recent_tokens:int=0, # newest tokens kept in `recent_dtype` until they leave this window (KIVI-style)
-                 recent_dtype:torch.dtype|None=torch.float16 # the window's dtype (None: as given, lossless)
+                 recent_dtype:torch.dtype|None=torch.float16, # the window's dtype (None: as given, lossless)
+                 sink_dtype:torch.dtype|None=None # the sinks' dtype (None: as given; torch.float16 counts them as a 16-bit cache holds them)
                 ):
         check_quantizer(quantizer)
         cfg = config.get_text_config(decoder=True); n = cfg.num_hidden_layers
         check_int(sink_tokens, 'sink_tokens', 0); check_int(recent_tokens, 'recent_tokens', 0)
-        if recent_dtype is not None and not (isinstance(recent_dtype, torch.dtype) and recent_dtype.is_floating_point):
-            raise TypeError(f"`recent_dtype` must be None or a floating torch dtype, got {recent_dtype!r}")
+        for arg, dt in (('recent_dtype', recent_dtype), ('sink_dtype', sink_dtype)):
+            if dt is not None and not (isinstance(dt, torch.dtype) and dt.is_floating_point): raise TypeError(f"`{arg}` must be None or a floating torch dtype, got {dt!r}")
         bad = [i for i in fp_layers if not 0 <= i < n]
         if bad: raise ValueError(f"`fp_layers` must be layer indices in [0, {n}), got {bad}")
         self.quantizer, self.sink_tokens, self.fp_layers, self.recent_tokens = quantizer, sink_tokens, tuple(fp_layers), recent_tokens
+        self.sink_dtype = sink_dtype
         super().__init__(layers=[self._layer(i, t, kw, recent_dtype) for i, (t, kw) in enumerate(zip(*get_layer_types_and_kwargs(cfg)))])
 
     def _all(self, plan:str, *args):
@@ -664,7 +669,7 @@ class QuantizedKVCache(Cache):
 def _layer(self:QuantizedKVCache, i:int, kind:str, kw:dict, recent_dtype):
     "The quantized cache layer for layer `i` of type `kind` (transformers' layer types)."
     fp = i in self.fp_layers
-    if kind == 'full_attention': return QuantizedKVLayer(self.quantizer, i, self.sink_tokens, fp, self.recent_tokens, recent_dtype)
+    if kind == 'full_attention': return QuantizedKVLayer(self.quantizer, i, self.sink_tokens, fp, self.recent_tokens, recent_dtype, self.sink_dtype)
     if kind != 'sliding_attention': raise NotImplementedError(f"QuantizedKVCache has no quantized layer for {kind!r} layers (layer {i}): implement one")
     if self.sink_tokens: raise NotImplementedError(f"`sink_tokens` in sliding-window layers (layer {i}) is not implemented: use sink_tokens=0 with this model")
     return QuantizedSlidingKVLayer(self.quantizer, i, kw['sliding_window'], fp, self.recent_tokens, recent_dtype)

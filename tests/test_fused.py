@@ -358,3 +358,18 @@ def test_hqmq_plus_on_sliding_window_model_equals_reference():
     ref = model.generate(ids, cache=QuantizedKVCache(cfg, hp), **gen)
     assert torch.equal(enable_fused_hqmq(model).generate(ids, cache=fc, **gen), ref)
     assert fc.layers[1].pieces['k'][0][1] is not None
+
+
+@pytest.mark.parametrize('backend', ['codes', 'triton'])
+def test_fp16_sinks_equal_reference(backend):
+    "sink_dtype=fp16 on an fp32 model: the fused cache and QuantizedKVCache hold the same fp16 sinks and generate the same tokens."
+    model = enable_fused_hqmq(tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2))
+    hq = HQMQ(24, 3, 2, 2, 16)
+    ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(5)); am = torch.ones_like(ids); am[0, :2] = 0
+    fc = FusedHQMQCache(model.config, hq, sink_tokens=2, backend=backend, sink_dtype=torch.float16)
+    rc = QuantizedKVCache(model.config, hq, sink_tokens=2, sink_dtype=torch.float16)
+    a, b = _gen(model, fc, ids, am), _gen(model, rc, ids, am)
+    assert torch.equal(a.sequences, b.sequences) and max((x - y).abs().max().item() for x, y in zip(a.scores, b.scores)) < 1e-4
+    assert fc.layers[0].keys.dtype == torch.float16 and rc.layers[0].keys.dtype == torch.float16
+    f32 = FusedHQMQCache(model.config, hq, sink_tokens=2, backend=backend); _gen(model, f32, ids, am)
+    assert f32.nbytes() - fc.nbytes() == sum(2 * (l.keys.numel() + l.values.numel()) for l in fc.layers) > 0   # 2 bytes less per kept value
