@@ -20,12 +20,11 @@ from .ops.triton_utils import HAS_TRITON
 from .ops.hqmq import DecodeSource, decode_attention_sources, hqmq_encode
 from .ops.hqmq_codes import HQMQCodes, code_attention, merge_lse
 from .hf_cache import QuantizedKVCache, QuantizedKVLayer, CastQuantizer, packed_select, packed_head
-from .quant import fp16_values
-from .hqmq_plus import RotatedHQMQ, LayerwiseQuantizer, CenteredQuantizer
+from .hqmq_plus import RotatedHQMQ, LayerwiseQuantizer, CenteredQuantizer, write_center
 
 # %% auto #0
-__all__ = ['ATTN_NAME', 'BACKENDS', 'HQMQStore', 'write_center', 'FusedRole', 'fused_roles', 'FusedKV', 'FusedHQMQLayer',
-           'left_padding_starts', 'dense_attention', 'fused_hqmq_attention', 'enable_fused_hqmq', 'FusedHQMQCache']
+__all__ = ['ATTN_NAME', 'BACKENDS', 'HQMQStore', 'FusedRole', 'fused_roles', 'FusedKV', 'FusedHQMQLayer', 'left_padding_starts',
+           'dense_attention', 'fused_hqmq_attention', 'enable_fused_hqmq', 'FusedHQMQCache']
 
 # %% ../nbs/11_fused_decode.ipynb #e963db51
 def _check_store_args(hq, layer:int, role:str, n_heads:int, block:int):
@@ -216,14 +215,6 @@ def source(self:HQMQStore) -> DecodeSource:
                         self.block, self.layer, self.role)
 
 # %% ../nbs/11_fused_decode.ipynb #88393896
-def write_center(x:Tensor, # one write `[B, H, t, d_h]`
-                 valid:Tensor|None=None # `[B, t]` bool, False = pad or sink (left out of the mean)
-                ) -> tuple[Tensor, Tensor]: # (x − c in x's dtype, c `[B, H, 1, d_h]` fp16)
-    "The write's centre c (per row and KV head, the mean over its real tokens, rounded to fp16 as stored) and x − c."
-    w = x.new_ones(x.shape[0], x.shape[2], dtype=torch.float32) if valid is None else valid.float()
-    c = fp16_values((x.float() * w[:, None, :, None]).sum(2, keepdim=True) / w.sum(1).clamp_min(1)[:, None, None, None], 'per-head mean (centre)')
-    return (x.float() - c.float()).to(x.dtype), c
-
 @dataclasses.dataclass(frozen=True)
 class FusedRole:
     "How the fused decode codes one role of one layer: an HQMQ, after an optional rotation x ↦ xR and per-write centre."

@@ -17,8 +17,8 @@ from .hf_cache import CastPacked, CastQuantizer, QuantizedKVCache, check_quantiz
 # %% auto #0
 __all__ = ['HQMQ_PLUS_BUDGET', 'HQMQ_PLUS_BUDGETS', 'HQMQ_PLUS_PLANS', 'HQMQ_PLUS_MENU', 'RotatedHQMQ', 'LayerwiseQuantizer',
            'sensitivity', 'allocate_options', 'allocate', 'NoiseQuantizer', 'water_filling', 'head_moments',
-           'gaussian_relmse', 'rate_for_relmse', 'CenteredPacked', 'CenteredQuantizer', 'plan_quantizer', 'plan_errors',
-           'plan_for_budget', 'model_plan']
+           'gaussian_relmse', 'rate_for_relmse', 'CenteredPacked', 'CenteredQuantizer', 'write_center',
+           'plan_quantizer', 'plan_errors', 'plan_for_budget', 'model_plan']
 
 # %% ../nbs/03b_hqmq_plus.ipynb #5bc5ac5b
 class RotatedHQMQ(KVQuantizer):
@@ -294,16 +294,20 @@ class CenteredQuantizer(KVQuantizer):
     def identity(self) -> tuple: return ('Centered', getattr(self.inner, 'identity', self.inner.__repr__)(), self.roles, self.min_tokens)
 
 # %% ../nbs/03b_hqmq_plus.ipynb #a0b57088
+def write_center(x:torch.Tensor, # one write `[B, H, t, d_h]`
+                 valid:torch.Tensor|None=None # `[B, t]` bool, False = pad or sink (left out of the mean)
+                ) -> tuple[torch.Tensor, torch.Tensor]: # (x − c in x's dtype, c `[B, H, 1, d_h]` fp16)
+    "The write's centre c (per row and KV head, the mean over its real tokens, rounded to fp16 as stored) and x − c."
+    w = x.new_ones(x.shape[0], x.shape[2], dtype=torch.float32) if valid is None else valid.float()
+    c = fp16_values((x.float() * w[:, None, :, None]).sum(2, keepdim=True) / w.sum(1).clamp_min(1)[:, None, None, None], 'per-head mean (centre)')
+    return (x.float() - c.float()).to(x.dtype), c
+
 @patch
 def quantize(self:CenteredQuantizer, x:torch.Tensor, layer:int, role:str, valid:torch.Tensor|None=None) -> CenteredPacked:  # noqa: F811 (one method per class, patched)
     "Centre (if this role is centred and the write is long enough), then code the residual with the inner quantizer."
     check_kv(x, layer, role); check_valid(valid, x)
     c = None
-    if role in self.roles and x.shape[2] >= self.min_tokens:
-        w = x.new_ones(x.shape[0], x.shape[2], dtype=torch.float32) if valid is None else valid.float()
-        c = ((x.float() * w[:, None, :, None]).sum(2, keepdim=True) / w.sum(1).clamp_min(1)[:, None, None, None])
-        c = fp16_values(c, 'per-head mean (centre)')
-        x = (x.float() - c.float()).to(x.dtype)
+    if role in self.roles and x.shape[2] >= self.min_tokens: x, c = write_center(x, valid)
     q = self.inner
     p = q.quantize(x, layer, role, valid) if takes_valid(q) else q.quantize(x, layer, role)
     return CenteredPacked(tuple(x.shape), x.dtype, p, c, layer, role, fingerprint=self.fingerprint)
@@ -377,11 +381,11 @@ def plan_for_budget(sens:torch.Tensor, # `[L, 2]` NLL rise per token of the prob
     return {'k': ks * (L // len(ks)), 'v': vs * (L // len(vs)), 'bits': bits[idx, ch].mean().item(), 'rise': rise[idx, ch].sum().item()}
 
 # %% ../nbs/03b_hqmq_plus.ipynb #d9969c69
-HQMQ_PLUS_BUDGET = 5.3                            # mean measured bits per element of `hqmq+`
-HQMQ_PLUS_BUDGETS = (3.25, 4.25, 5.3, 5.7)        # the budgets with measured plans (the Pareto rows `hqmq+@B`)
-HQMQ_PLUS_PLANS = {                               # {(n_layers, n_kv_heads, head_dim): {budget: (K entry, V entry)}}, measured below
-    (30, 3, 64): {3.25: ('s24r3', 's24r2'), 4.25: ('s384r4', 's96r3'), 5.3: ('s4096r5', 's768r4'), 5.7: ('s4096r5', 's4096r5')},    # SmolLM2-135M
-    (18, 1, 256): {3.25: ('s48r3', 's12r3'), 4.25: ('s1536r5', 's24r3'), 5.3: ('s4096r6', 's768r4'), 5.7: ('s4096r6', 's4096r5')},  # Gemma 3 270M
+HQMQ_PLUS_BUDGET = 5.3                                 # mean measured bits per element of `hqmq+`
+HQMQ_PLUS_BUDGETS = (2.3, 2.5, 3.25, 4.25, 5.3, 5.7)   # the budgets with measured plans (the Pareto rows `hqmq+@B`)
+HQMQ_PLUS_PLANS = {                                    # {(n_layers, n_kv_heads, head_dim): {budget: (K entry, V entry)}}, measured below
+    (30, 3, 64): {2.3: ('s8r2', 's1r2'), 2.5: ('s24r2', 's1r2'), 3.25: ('s96r3', 's8r2'), 4.25: ('s384r4', 's96r3'), 5.3: ('s4096r5', 's768r4'), 5.7: ('s4096r5', 's4096r5')},    # SmolLM2-135M
+    (18, 1, 256): {2.3: ('s12r2', 's1r2'), 2.5: ('s24r3', 's1r2'), 3.25: ('s384r4', 's2r2'), 4.25: ('s1536r5', 's24r3'), 5.3: ('s4096r6', 's768r4'), 5.7: ('s4096r6', 's4096r5')},  # Gemma 3 270M
 }
 
 def model_plan(n_layers:int, n_kv_heads:int, head_dim:int, budget:float=HQMQ_PLUS_BUDGET) -> dict:
@@ -392,5 +396,6 @@ def model_plan(n_layers:int, n_kv_heads:int, head_dim:int, budget:float=HQMQ_PLU
     k, v = plans[budget]; return {'k': [k] * n_layers, 'v': [v] * n_layers}
 
 # %% ../nbs/03b_hqmq_plus.ipynb #0223e01d
-HQMQ_PLUS_MENU = ('s12r3', 's24r2', 's24r3', 's48r3', 's48r4', 's96r3', 's96r4', 's192r4', 's192r5', 's384r4', 's384r5',
-                  's768r4', 's768r5', 's1536r4', 's1536r5', 's3072r4', 's3072r5', 's4096r4', 's4096r5', 's4096r6', 'fp16')   # the plan's menu
+HQMQ_PLUS_MENU = ('s1r2', 's2r2', 's2r3', 's4r2', 's4r3', 's8r2', 's8r3', 's12r2', 's12r3', 's24r2', 's24r3', 's48r3', 's48r4',
+                  's96r3', 's96r4', 's192r4', 's192r5', 's384r4', 's384r5', 's768r4', 's768r5', 's1536r4', 's1536r5', 's3072r4',
+                  's3072r5', 's4096r4', 's4096r5', 's4096r6', 'fp16')   # the plan's menu

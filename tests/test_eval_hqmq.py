@@ -127,7 +127,7 @@ def test_hqmq_plus_rows_and_cli_names(tiny):
     assert all(m.family == 'HQMQ+' for m in hqmq_plus_ablation() + hqmq_plus_budgets()) and 'HQMQ+' in FAMILY_STYLE
     _, ms = parse_options(['--methods', 'fp16,hqmq+,s192r6+rot,hqmq+@4.25,hqmq+ v1+c'])
     assert [m.name for m in ms] == ['fp16', 'hqmq+', 's192r6+rot', 'hqmq+@4.25', 'hqmq+ v1+c']
-    assert {'hqmq+', 'hqmq+@3.25', 'hqmq+@5.7'} <= {m.name for m in parse_options([])[1]}
+    assert {'hqmq+', 'hqmq+@2.3', 'hqmq+@2.5', 'hqmq+@3.25', 'hqmq+@5.7'} <= {m.name for m in parse_options([])[1]}
     with pytest.raises(ValueError, match='no measured HQMQ\\+ plan'): hqmq_plus_method().make(tiny.config)   # the tiny geometry has none
     v1 = hqmq_plus_v1().make(tiny.config)                       # the first recipe: s768r5 everywhere, no centring
     assert type(v1).__name__ == 'LayerwiseQuantizer' and v1.plan[(1, 'k')].name == 's768r5+rot'

@@ -231,6 +231,19 @@ def test_model_plans_cover_the_budgets():
         for B in HQMQ_PLUS_BUDGETS: p = model_plan(*g, B); assert len(p['k']) == g[0] and len(set(p['k'] + p['v'])) <= 2
     with pytest.raises(ValueError, match='no measured HQMQ\\+ plan'): model_plan(3, 3, 3)
 
+def test_low_bit_plans_stay_within_their_budget():
+    "Below 3 bits: a plan at 2.5 (and every other budget < 3) for both geometries, its packed bytes on 512-token writes ≤ the budget, the keys' centre included."
+    assert 2.5 in HQMQ_PLUS_BUDGETS and {(30, 3, 64), (18, 1, 256)} <= set(HQMQ_PLUS_PLANS)
+    for (L, H, d), plans in HQMQ_PLUS_PLANS.items():
+        for B in [b for b in HQMQ_PLUS_BUDGETS if b < 3]:
+            k, v = plans[B]; q = plan_quantizer({'k': [k] * 2, 'v': [v] * 2}, 2, H, d)          # two layers of this geometry
+            xs = [synthetic_kv(1, H, 512, d, seed=r) + 0.5 for r in (0, 1)]
+            ps = [q.quantize(x, 1, r) for x, r in zip(xs, 'kv')]
+            assert ps[0].center is not None and ps[1].center is None                           # keys centred, values not
+            bits = 8 * sum(p.nbytes for p in ps) / sum(x.numel() for x in xs)
+            assert bits <= B + 1e-9, (L, H, d, B, k, v, bits)
+            assert all(torch.isfinite(q.dequantize(p)).all() for p in ps)
+
 def test_sensitivity_by_role_is_every_layer_at_once():
     from tensormem.hf_cache import tiny_llama
     from tensormem.hqmq import HQMQ
