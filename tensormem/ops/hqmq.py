@@ -332,7 +332,7 @@ def _source_args(s:DecodeSource, role:str, has_dig:bool, z:Tensor) -> dict:
             f'{role}_out_stride': s.out_stride}
 
 # %% ../../nbs/10a_ops_hqmq.ipynb #c9e23cec
-def _check_sources(q:Tensor, hq:HQMQ, ks:DecodeSource, vs:DecodeSource, T:int, H_kv:int, first:Tensor|None, start:int=0) -> Tensor:
+def _check_sources(q:Tensor, hq, ks:DecodeSource, vs:DecodeSource, T:int, H_kv:int, first:Tensor|None, start:int=0) -> Tensor:
     "Validate `decode_attention_sources`' inputs; return `first` as `[B]` int32 on q's device (zeros when None), raised to `start`."
     check_tensor(q, 'q', ndim=3, finite=False, shape='[B, H_q, d_h]')   # no value scan: it would sync the GPU every step
     B, d = q.shape[0], _roles(hq)[0].head_dim
@@ -367,13 +367,13 @@ def decode_attention_sources(q:Tensor, # one query token per sequence `[B, H_q, 
     T0 = start // ks.block * ks.block                                   # whole tiles: the outlier offsets are kept per tile
     G = Hq // H_kv; n_split, span = _split_plan(T - T0, ks.block, B, H_kv, n_split); GP, DP = max(16, _p2(G)), 4 * lc['NCP']
     z = _const((0,), dev, torch.int32)
-    dw = _digit_weights(hk) if _digit_weights(hk) == _digit_weights(hv) else _digit_weights(hk, hv)   # one copy when equal: one load per tile
+    wk, wv = _digit_weights(hk), _digit_weights(hv); dw = wk if wk == wv else wk + wv   # one copy when equal: one load per tile
     m_buf = torch.empty(B * H_kv, n_split, GP, device=dev); l_buf = torch.empty_like(m_buf); acc = torch.empty(B * H_kv, n_split, GP, DP, device=dev)
     out, lse = _alloc((B, Hq, d), q.dtype, dev, poison), _alloc((B, Hq), torch.float32, dev, poison)
     _hqmq_decode_attn[(B * H_kv, n_split)](
         q_ptr=q.contiguous(), **_source_args(ks, 'k', lc['K_HAS_DIG'], z), **_source_args(vs, 'v', lc['V_HAS_DIG'], z),
         k_table=hk.codebook(ks.layer, 'k', dev)[1].float().contiguous(), v_table=hv.codebook(vs.layer, 'v', dev)[1].float().contiguous(),
-        dw_ptr=_const(dw, dev), K_DWP=len(dw) - len(_digit_weights(hv)), first_ptr=st, m_ptr=m_buf, l_ptr=l_buf, acc_ptr=acc,
+        dw_ptr=_const(dw, dev), K_DWP=len(dw) - len(wv), first_ptr=st, m_ptr=m_buf, l_ptr=l_buf, acc_ptr=acc,
         T0=T0, T=T, HKV=H_kv, G=G, D=d, span=span,
         scale=1 / math.sqrt(d) if scale is None else scale, K_OUT=ks.flags is not None, V_OUT=vs.flags is not None, GP=GP, BT=ks.block,
         NSPLIT=n_split, DT={'fp32': 0, 'fp16': 1}[dot or ('fp16' if q.is_cuda else 'fp32')], PAD=first is not None or start > 0,
